@@ -1,0 +1,1 @@
+"""Storage building blocks shared by the journal and the simulated banks."""
