@@ -81,6 +81,7 @@ class SwitchConfig:
 class HsmConfig:
     listen: Endpoint = Endpoint("127.0.0.1", 1500)
     simulate: bool = True
+    lmk_file: str = ""              # another LMK set for the simulator; "" = the Thales test LMK
 
 
 @dataclass(slots=True, frozen=True)
@@ -89,7 +90,9 @@ class BinRange:
     high: str                       # inclusive, digits, same length as low
     card_type: str = "debit"        # debit | credit
     priority: int = 0               # higher wins among equally long matches
-    line: int = 0                   # where it was declared, for messages
+    # where it was declared, for messages; not part of the value (a range is
+    # the same range wherever the file declares it, so round trips compare equal)
+    line: int = field(default=0, compare=False)
 
 
 @dataclass(slots=True, frozen=True)

@@ -3,97 +3,85 @@
 A decoded message inside cardswitch is a ``dict[str, str]`` keyed like
 pyiso8583 ("t" MTI, "2" PAN, ...), without bitmap keys. Binary-valued fields
 (52, 55, 64, 128) are upper-case hex text whatever the dialect, so the
-transaction logic never depends on the wire dialect.
+transaction logic never depends on the wire dialect: in the binary dialect
+they are bytes on the wire, in the ASCII dialect hex text, accepted in either
+case and always written upper case (wire.md 1).
+
+``decode``/``encode`` use the compiled codec (:mod:`cardswitch.iso8583.fastcodec`);
+``reference_decode``/``reference_encode`` run pyiso8583 itself with the same
+normalisation, for differential tests and for specs the fast codec does not
+compile. Both raise only :class:`DecodeError` / :class:`EncodeError` for bad
+input (``TypeError`` for a wrong argument type).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import iso8583 as _pyiso  # pyiso8583 (absolute import; our package is cardswitch.iso8583)
-import iso8583.specs as _pyspecs
+import iso8583.specs as _pyspecs  # pyiso8583 (absolute import; our package is cardswitch.iso8583)
 
-from cardswitch.iso8583.constants import BINARY_FIELDS, F
+from cardswitch.iso8583.constants import BINARY_FIELDS
+from cardswitch.iso8583.fastcodec import (
+    DecodeError,
+    EncodeError,
+    FastCodec,
+    Message,
+    UnsupportedSpec,
+    reference_decode,
+    reference_encode,
+)
 
-Message = dict[str, str]
-
-
-class DecodeError(ValueError):
-    """A frame that is not a valid message of the dialect.
-
-    ``partial`` holds what could still be read (at least the MTI and field 11
-    when they were readable), so the caller can answer 30 where possible.
-    """
-
-    def __init__(self, reason: str, partial: Message | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.partial = partial or {}
-
-
-class EncodeError(ValueError):
-    """A message that cannot be encoded (a value too long, bad characters)."""
+__all__ = [
+    "ASCII",
+    "BINARY",
+    "DIALECTS",
+    "DecodeError",
+    "Dialect",
+    "EncodeError",
+    "Message",
+    "get_dialect",
+]
 
 
 @dataclass(frozen=True, slots=True)
 class Dialect:
     name: str
     spec: dict
+    _codec: FastCodec | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        try:
+            codec: FastCodec | None = FastCodec(self.spec, upper_fields=BINARY_FIELDS)
+        except UnsupportedSpec:
+            codec = None
+        object.__setattr__(self, "_codec", codec)
 
     @property
     def binary_fields(self) -> tuple[str, ...]:
+        """The binary-valued fields that are raw bytes on the wire in this dialect."""
         return tuple(k for k in BINARY_FIELDS if self.spec[k]["data_enc"] == "b")
 
     def decode(self, data: bytes) -> Message:
-        try:
-            doc, _ = _pyiso.decode(bytes(data), self.spec)
-        except _pyiso.DecodeError as e:
-            raise DecodeError(str(e), _salvage(data, self)) from None
-        except Exception as e:  # pyiso8583 may raise others on hostile input
-            raise DecodeError(f"undecodable: {type(e).__name__}", _salvage(data, self)) from None
-        doc.pop(F.PRIMARY_BITMAP, None)
-        doc.pop(F.SECONDARY_BITMAP, None)
-        doc.pop("h", None)
-        for k in self.binary_fields:
-            v = doc.get(k)
-            if v is not None:
-                doc[k] = v.upper()
-        return doc
+        """A frame's payload as a Message; DecodeError (with ``partial``) if it is not one."""
+        codec = self._codec
+        if codec is None:
+            return reference_decode(data, self.spec, BINARY_FIELDS)
+        return codec.decode(data)
 
     def encode(self, msg: Message) -> bytes:
-        # pyiso8583 takes binary fields as hex text already.
-        doc = {k: v for k, v in msg.items() if k not in (F.PRIMARY_BITMAP, F.SECONDARY_BITMAP)}
-        try:
-            raw, _ = _pyiso.encode(doc, self.spec)
-        except _pyiso.EncodeError as e:
-            raise EncodeError(str(e)) from None
-        return bytes(raw)
+        """A Message as bytes; EncodeError naming the field that cannot be written."""
+        codec = self._codec
+        if codec is None:
+            return reference_encode(msg, self.spec, BINARY_FIELDS)
+        return codec.encode(msg)
 
+    def reference_decode(self, data: bytes) -> Message:
+        """Same contract as ``decode``, done by pyiso8583 (slow; for tests)."""
+        return reference_decode(data, self.spec, BINARY_FIELDS)
 
-def _salvage(data: bytes, dialect: Dialect) -> Message:
-    """Read the MTI and field 11 from a frame that does not decode whole."""
-    out: Message = {}
-    try:
-        mti = bytes(data[:4]).decode("ascii")
-    except UnicodeDecodeError:
-        return out
-    if not (len(mti) == 4 and mti.isdigit()):
-        return out
-    out[F.MTI] = mti
-    # Fields 2..10 precede 11; when the fields before it decode, so does 11.
-    try:
-        doc, _ = _pyiso.decode(bytes(data), dialect.spec)
-    except _pyiso.DecodeError as e:
-        doc = getattr(e, "doc_dec", {}) or {}
-    except Exception:
-        doc = {}
-    stan = doc.get(F.STAN)
-    if isinstance(stan, str) and len(stan) == 6 and stan.isdigit():
-        out[F.STAN] = stan
-    tid = doc.get(F.TERMINAL_ID)
-    if isinstance(tid, str):
-        out[F.TERMINAL_ID] = tid
-    return out
+    def reference_encode(self, msg: Message) -> bytes:
+        """Same contract as ``encode``, done by pyiso8583 (slow; for tests)."""
+        return reference_encode(msg, self.spec, BINARY_FIELDS)
 
 
 ASCII = Dialect("ascii", _pyspecs.default_ascii)

@@ -77,6 +77,9 @@ class TxnRecord:
     auth_code: str = ""
     issuer_stan: str = ""         # field 11 the switch used towards the issuer
     issuer_transmitted: str = ""  # field 7 the switch used towards the issuer
+    to_issuer_stan: str = ""      # transfer credit leg (0200 28xxxx) at the receiving issuer
+    to_issuer_transmitted: str = ""
+    to_auth_code: str = ""
     completed_at: str = ""
     latency_us: int = 0
     cancelled: str = Cancel.NONE
