@@ -4,7 +4,7 @@
 
 2-byte framing, ISO 8583 ``default_ascii``. It never decodes a message into
 fields: it copies the request's fields it must echo byte for byte and adds
-38/39 (see ``wirebytes.Layout.answer``), so it costs a few microseconds per
+38/39 (see ``wirebytes.Answerer``), so it costs a few microseconds per
 request and is never what a run measures.
 
 - 0100/0200 (and repeats): 0110/0210 echoing 2 3 4 7 11 12 13 15 32 33 37 41

@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as _dt
 import multiprocessing as mp
-import os
 import resource
 import sys
 import time
@@ -90,41 +88,47 @@ def synthetic_identities(n: int) -> list[Identity]:
 def _network_lists(path: str) -> tuple[list[tuple[str, str, str]], list[tuple[int, str, str]]]:
     """(terminals (tid, mid, currency), cards (balance, pan, expiry)) usable for purchases:
     enabled POS terminals without a MAC key, active cards that answer at once."""
+    try:
+        from cardswitch.netfile import load_network
+    except ImportError:  # before netfile exists: read the same TOML shape directly
+        return _toml_lists(path)
     this_month = time.strftime("%y%m", time.gmtime())
     terms: list[tuple[str, str, str]] = []
     cards: list[tuple[int, str, str]] = []
-    try:
-        from cardswitch.netfile import load_network
-    except ImportError:
-        load_network = None
-    if load_network is not None:
-        net = load_network(path)
-        for m in net.merchants:
-            if not m.enabled:
-                continue
-            for t in m.terminals:
-                if t.kind == "pos" and t.enabled and t.tak is None:
-                    terms.append((t.id, m.id, m.currency))
-        for b in net.banks:
-            for c in b.cards:
-                if c.status == "active" and c.delay_ms == 0 and c.expiry >= this_month:
-                    cards.append((c.balance, c.pan, c.expiry))
-    else:  # before netfile exists: read the same TOML shape directly
-        import tomllib
+    net = load_network(path)
+    for m in net.merchants:
+        if not m.enabled:
+            continue
+        for t in m.terminals:
+            if t.kind == "pos" and t.enabled and t.tak is None:
+                terms.append((t.id, m.id, m.currency))
+    for b in net.banks:
+        for c in b.cards:
+            if c.status == "active" and c.delay_ms == 0 and c.expiry >= this_month:
+                cards.append((c.balance, c.pan, c.expiry))
+    return terms, cards
 
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-        for m in doc.get("merchants", []):
-            if not m.get("enabled", True):
-                continue
-            for t in m.get("terminals", []):
-                if t.get("kind") == "pos" and t.get("enabled", True) and not t.get("tak"):
-                    terms.append((t["id"], m["id"], m.get("currency", "156")))
-        for b in doc.get("banks", []):
-            for c in b.get("cards", []):
-                if (c.get("status", "active") == "active" and not c.get("delay_ms", 0)
-                        and str(c["expiry"]) >= this_month):
-                    cards.append((int(c["balance"]), str(c["pan"]), str(c["expiry"])))
+
+def _toml_lists(path: str) -> tuple[list[tuple[str, str, str]], list[tuple[int, str, str]]]:
+    """``_network_lists`` from the TOML alone, without the network file's checks."""
+    import tomllib
+
+    this_month = time.strftime("%y%m", time.gmtime())
+    terms: list[tuple[str, str, str]] = []
+    cards: list[tuple[int, str, str]] = []
+    with open(path, "rb") as f:
+        doc = tomllib.load(f)
+    for m in doc.get("merchants", []):
+        if not m.get("enabled", True):
+            continue
+        for t in m.get("terminals", []):
+            if t.get("kind") == "pos" and t.get("enabled", True) and not t.get("tak"):
+                terms.append((t["id"], m["id"], m.get("currency", "156")))
+    for b in doc.get("banks", []):
+        for c in b.get("cards", []):
+            if (c.get("status", "active") == "active" and not c.get("delay_ms", 0)
+                    and str(c["expiry"]) >= this_month):
+                cards.append((int(c["balance"]), str(c["pan"]), str(c["expiry"])))
     return terms, cards
 
 

@@ -307,9 +307,10 @@ def switch_command(args, net: BenchNetwork, bank_port: int, parts: str) -> list[
     return cardswitch_argv() + ["up", "-c", str(net.path), "--only", parts]
 
 
-def start_switch(bench: Bench, net: BenchNetwork, bank_port: int) -> Child:
-    """Start what the switch needs and the switch itself; return the switch's child."""
+def start_switch(bench: Bench, net: BenchNetwork, bank_port: int) -> tuple[Child, Child | None]:
+    """Start what the switch needs and the switch itself: (switch, simulated banks or None)."""
     args = bench.args
+    banks = None
     if not args.switch_cmd:
         if not args.no_hsm:
             progress("starting the HSM simulator (cardswitch up --only hsm)")
@@ -320,10 +321,10 @@ def start_switch(bench: Bench, net: BenchNetwork, bank_port: int) -> Child:
                       "going on without it", file=sys.stderr)
         if args.with_issuer_sim:
             progress("starting the simulated issuers (cardswitch up --only banks)")
-            bench.start("banks", switch_command(args, net, bank_port, "banks"))
+            banks, _ = bench.start("banks", switch_command(args, net, bank_port, "banks"))
     progress("starting the switch")
     switch, _ = bench.start("switch", switch_command(args, net, bank_port, "switch"))
-    return switch
+    return switch, banks
 
 
 def wait_until_approving(bench: Bench, port: int, network: Path) -> dict:
@@ -412,10 +413,9 @@ def run(args) -> dict:
         bench.stop(relay)
 
         if not args.skip_switch:
-            switch = start_switch(bench, net, bank_port)
-            middle = {"switch": switch.pid}
-            if not args.with_issuer_sim:
-                middle["bank"] = bank.pid
+            switch, banks = start_switch(bench, net, bank_port)
+            # "bank": the instant bank, or the simulated issuers (for information)
+            middle = {"switch": switch.pid, "bank": (banks or bank).pid}
             wait_until_approving(bench, net.listen_port, net.path)
             runs = repeated(bench, "switch", net.listen_port, middle, network=net.path)
             peak = summary(runs, "switch")

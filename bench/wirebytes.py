@@ -280,7 +280,7 @@ class Answerer:
 
 
 def encode_added(layout: Layout, fields: dict[int, str]) -> dict[int, bytes]:
-    """Values for ``Layout.answer``'s ``add``: variable fields get their prefix."""
+    """Values for ``Answerer``'s ``add``: variable fields get their length prefix."""
     out: dict[int, bytes] = {}
     for n, v in fields.items():
         raw = v.encode("ascii")
@@ -293,14 +293,6 @@ ASCII_LAYOUT = Layout(_pyspecs.default_ascii)
 
 STAN = int(F.STAN)
 RESPONSE_CODE = int(F.RESPONSE_CODE)
-TRANSMISSION_DT = int(F.TRANSMISSION_DT)
-LOCAL_TIME = int(F.LOCAL_TIME)
-LOCAL_DATE = int(F.LOCAL_DATE)
-
-
-def frame2(payload: bytes) -> bytes:
-    """A payload behind its 2-byte big-endian length (wire.md 2)."""
-    return len(payload).to_bytes(2, "big") + payload
 
 
 class Frames2:

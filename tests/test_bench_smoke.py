@@ -216,27 +216,21 @@ def test_loadgen_takes_pos_terminals_without_mac_key_and_rich_cards(tmp_path):
         "  [[merchants.terminals]]", 'id = "ATM1"', 'kind = "atm"',
         "  [[merchants.terminals]]", 'id = "POS2"', 'kind = "pos"', 'tak = "clear:00"',
     ]) + "\n")
-    # the fallback reader (the real file goes through cardswitch.netfile when it loads)
-    terms, cards = _fallback_lists(net)
+    terms, cards = loadgen._toml_lists(str(net))
     assert [t[0] for t in terms] == ["POS1"]
     assert sorted(c[1] for c in cards) == ["6221260000000018", "6221260000000026"]
 
 
-def _fallback_lists(net: Path):
-    import builtins
+def test_builtin_bench_network_loads_and_feeds_the_load_generator(tmp_path):
+    import run
 
-    real_import = builtins.__import__
-
-    def no_netfile(name, *a, **kw):
-        if name == "cardswitch.netfile":
-            raise ImportError(name)
-        return real_import(name, *a, **kw)
-
-    builtins.__import__ = no_netfile
-    try:
-        return loadgen._network_lists(str(net))
-    finally:
-        builtins.__import__ = real_import
+    net = tmp_path / "net.toml"
+    net.write_text(run.builtin_network_text(data_dir=str(tmp_path / "data"), listen=18583, admin=18580,
+                                            hsm=11500, bank=19101, simulate=False))
+    idents = loadgen.network_identities(str(net), 40, 100)   # through cardswitch.netfile
+    assert len({i.terminal_id for i in idents}) == 16
+    assert {i.pan for i in idents} == set(run.BUILTIN_CARDS)
+    assert all(i.merchant_id == "898440154110001" and i.currency == "156" for i in idents)
 
 
 # -- smoke runs over TCP --------------------------------------------------------------------------

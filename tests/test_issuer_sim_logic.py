@@ -588,3 +588,92 @@ def test_logs_never_hold_a_full_pan(logic, caplog):
     for card in CARDS:
         assert card.pan not in text
     assert UNKNOWN_OWN not in text
+
+
+# -- a property: the ledger always agrees with the records -----------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from cardswitch.issuer_sim.ledger import Op  # noqa: E402
+
+_ACTIVE = (RICH, POOR, LIMITED, FRIEND)
+_PINS = {c.pan: c.pin for c in CARDS}
+_amounts = st.integers(min_value=0, max_value=400_000)
+_card = st.sampled_from(_ACTIVE)
+_idx = st.integers(min_value=0, max_value=1_000)
+_ops = st.one_of(
+    st.tuples(st.just("buy"), _card, _amounts),
+    st.tuples(st.just("pre"), _card, _amounts),
+    st.tuples(st.just("comp"), _idx, _amounts),
+    st.tuples(st.just("void"), _idx),
+    st.tuples(st.just("refund"), _card, _amounts),
+    st.tuples(st.just("wd"), _card, _amounts),
+    st.tuples(st.just("xfer"), _card, _card, _amounts),
+    st.tuples(st.just("rev"), _idx),
+    st.tuples(st.just("repeat"), _idx),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=st.lists(_ops, max_size=40))
+def test_balances_always_equal_the_standing_records(ops):
+    bank = make_bank()
+    logic = IssuerLogic(bank.id, bank.bins, SECRET, ZPK, [Account.from_card(c, SECRET) for c in CARDS])
+    opening = {a.token: a.balance for a in logic.accounts.values()}
+    sent: list[dict] = []
+    answers: dict[str, dict] = {}
+    records = []
+
+    def send(m):
+        before = {t: (a.balance, a.held) for t, a in logic.accounts.items()}
+        out = logic.handle(m, NOW)
+        if out.replay:
+            assert out.response == answers[m[F.STAN]]
+            assert before == {t: (a.balance, a.held) for t, a in logic.accounts.items()}
+        else:
+            answers[m[F.STAN]] = out.response
+            records.append(out.new)
+            if m[F.MTI] != "0420":
+                sent.append(m)
+        return out
+
+    for op in ops:
+        kind = op[0]
+        if kind in ("buy", "refund"):
+            send(request("0200", "000000" if kind == "buy" else "200000", op[1], op[2]))
+        elif kind == "pre":
+            send(request("0100", "000000", op[1], op[2]))
+        elif kind == "wd":
+            send(request("0200", "010000", op[1], op[2], pin=_PINS[op[1]]))
+        elif kind == "xfer":
+            send(request("0200", "400000", op[1], op[3], **{F.ACCOUNT_2: op[2]}))
+        elif sent:
+            orig = sent[op[1] % len(sent)]
+            if kind == "comp":
+                send(request("0200", "000000", orig[F.PAN], op[2],
+                             **{F.CONDITION_CODE: "06", F.ORIGINAL_DATA: field90(orig)}))
+            elif kind == "void":
+                send(request("0200", "020000", orig[F.PAN], int(orig[F.AMOUNT]),
+                             **{F.ORIGINAL_DATA: field90(orig)}))
+            elif kind == "rev":
+                send(reversal(orig))
+            else:
+                send(dict(orig, **{F.MTI: orig[F.MTI][:3] + "1"}))
+
+    expected = dict(opening)
+    held = dict.fromkeys(opening, 0)
+    for t in records:
+        if t.hold == Hold.ACTIVE:
+            held[t.token] += t.amount
+        if not t.approved or t.reversed:
+            continue
+        for op, tok, amount, _ in t.effects:
+            if op == Op.DEBIT:
+                expected[tok] -= amount
+            elif op == Op.CREDIT:
+                expected[tok] += amount
+    for tok, a in logic.accounts.items():
+        assert a.balance == expected[tok]
+        assert a.held == held[tok]
+        assert a.available >= 0  # no advices here: nothing is ever posted beyond funds

@@ -240,7 +240,12 @@ def cmd_issuer_export(args) -> int:
         net.bank(args.issuer)
     except KeyError:
         raise CliError(f"--issuer: no bank {args.issuer!r} in {net.source}") from None
-    n = export_day(net.switch.data_dir, args.issuer, args.date, args.out)
+    from cardswitch.issuer_sim.export import ExportError
+
+    try:
+        n = export_day(net.switch.data_dir, args.issuer, args.date, args.out)
+    except ExportError as e:
+        raise CliError(str(e)) from None
     print(f"{args.out}: {n} transactions of {args.issuer} on {args.date}")
     return 0
 

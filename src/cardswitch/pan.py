@@ -8,7 +8,6 @@ last 4) and ``pan_token`` (HMAC-SHA256 under a per-installation secret).
 from __future__ import annotations
 
 import hashlib
-import hmac
 
 
 def luhn_ok(pan: str) -> bool:
@@ -41,8 +40,12 @@ def mask_pan(pan: str) -> str:
 
 
 def pan_token(pan: str, secret: bytes) -> str:
-    """A keyed hash of the PAN: equal PANs give equal tokens, nothing reversible."""
-    return hmac.new(secret, pan.encode("ascii"), hashlib.sha256).hexdigest()[:32]
+    """A keyed hash of the PAN: equal PANs give equal tokens, nothing reversible.
+
+    BLAKE2b in its keyed (MAC) mode: as strong as HMAC-SHA256 here and several
+    times cheaper, and it runs for every request.
+    """
+    return hashlib.blake2b(pan.encode("ascii"), key=secret[:64], digest_size=16).hexdigest()
 
 
 def pan_from_track2(track2: str) -> tuple[str, str] | None:

@@ -6,7 +6,7 @@ becomes one zero block); method 2 appends 0x80 then zero bytes.
 
 from __future__ import annotations
 
-from cardswitch.crypto.des import BLOCK, tdes_cbc_encrypt, tdes_ecb_decrypt, tdes_ecb_encrypt
+from cardswitch.crypto.des import BLOCK, tdes_cbc_encrypt, tdes_ecb_encrypt
 
 
 def pad(data: bytes, padding: int = 1) -> bytes:
@@ -31,11 +31,16 @@ def mac_alg1(key: bytes, data: bytes, padding: int = 1) -> bytes:
 def mac_alg3(key16: bytes, data: bytes, padding: int = 1) -> bytes:
     """ISO 9797-1 MAC algorithm 3 (ANSI X9.19 retail MAC), double-length key, 8 bytes.
 
-    Single-DES CBC under K1 over every block, then the last block is
-    decrypted under K2 and encrypted under K1 again.
+    Single-DES CBC under K1 over every block, then the last output is
+    decrypted under K2 and encrypted under K1 again. The last block's
+    E_K1, D_K2, E_K1 is one two-key triple-DES encryption, so that is how
+    it is computed: one CBC pass over all blocks but the last, one TDES block.
     """
     if len(key16) != 16:
         raise ValueError(f"retail MAC key must be 16 bytes, not {len(key16)}")
-    k1, k2 = bytes(key16[:8]), bytes(key16[8:])
-    h = tdes_cbc_encrypt(k1, pad(data, padding))[-BLOCK:]
-    return tdes_ecb_encrypt(k1, tdes_ecb_decrypt(k2, h))
+    padded = pad(data, padding)
+    last = padded[-BLOCK:]
+    if len(padded) > BLOCK:
+        h = tdes_cbc_encrypt(bytes(key16[:8]), padded[:-BLOCK])[-BLOCK:]
+        last = (int.from_bytes(h, "big") ^ int.from_bytes(last, "big")).to_bytes(BLOCK, "big")
+    return tdes_ecb_encrypt(bytes(key16), last)

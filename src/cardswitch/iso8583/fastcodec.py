@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import binascii
 import codecs
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -51,7 +52,8 @@ class DecodeError(ValueError):
     ``partial`` holds the fields read, in order, before the first broken one
     (MTI, then data fields; never bitmaps), so the caller can answer 30 echoing
     the MTI, field 11 and field 41 where they were readable. A frame whose MTI
-    is not 4 digits gives an empty ``partial``.
+    is not 4 digits gives an empty ``partial``. It may hold a PAN or track 2:
+    never log it whole. ``reason`` names the field and byte offset, no data.
     """
 
     def __init__(self, reason: str, partial: Message | None = None) -> None:
@@ -73,8 +75,8 @@ _TXT = 0       # ASCII text (the hot case)
 _BIN = 1       # binary on the wire, upper-case hex text inside
 _GEN = 2       # text in another codec (EBCDIC, latin-1, ...)
 _MISSING = 3   # no spec for this field number: present means an error
+_TXT_UP = 4    # ASCII text carrying hex: upper-cased both ways
 
-_M64 = (1 << 64) - 1
 _BIT1 = 1 << 63            # field 1 / 65 in a 64-bit bitmap word
 _PLAN_CACHE_MAX = 4096     # distinct bitmaps remembered per codec
 
@@ -97,13 +99,17 @@ def _kind_of(data_enc: str) -> int:
 def _length_prefixes(fs: Mapping[str, Any], key: str) -> tuple[list[str | None], dict[str, int]]:
     """Encoded length prefixes (latin-1 text) for 0..max_len, and their inverse.
 
-    A length pyiso8583 cannot write in the prefix gets ``None``.
+    A length pyiso8583 cannot write in the prefix gets ``None``. Tables are
+    shared between fields (and codecs) of the same length format.
     """
-    len_type = fs["len_type"]
-    max_len = fs["max_len"]
     len_enc = fs["len_enc"]
     if len_enc not in ("b", "bcd"):
         _check_codec(len_enc, f"field {key} len_enc")
+    return _prefix_tables(fs["len_type"], fs["max_len"], len_enc)
+
+
+@functools.lru_cache(maxsize=None)
+def _prefix_tables(len_type: int, max_len: int, len_enc: str) -> tuple[list[str | None], dict[str, int]]:
     enc: list[str | None] = []
     dec: dict[str, int] = {}
     for n in range(max_len + 1):
@@ -146,7 +152,7 @@ class _Field:
         self.dec_prefix: dict[str, int] = {}
         if fs is None:
             self.kind = _MISSING
-            self.row = (self.key, _MISSING, 0, 0, False, {}, self)
+            self.row = (self.key, _MISSING, 0, 0, {}, self)
             return
         if fs.get("len_count", "bytes") != "bytes":
             raise UnsupportedSpec(f"field {num}: len_count {fs.get('len_count')!r}")
@@ -162,8 +168,9 @@ class _Field:
         if self.len_type:
             self.enc_prefix, self.dec_prefix = _length_prefixes(fs, self.key)
         # What the hot loops unpack: key, kind, length-prefix width, length
-        # (fixed) or maximum (variable), upper-case?, prefix text -> length, self.
-        self.row = (self.key, self.kind, self.len_type, self.max_len, self.upper, self.dec_prefix, self)
+        # (fixed) or maximum (variable), prefix text -> length, self.
+        kind = _TXT_UP if self.upper else self.kind
+        self.row = (self.key, kind, self.len_type, self.max_len, self.dec_prefix, self)
 
     def decode_length(self, raw: str) -> int:
         """The declared length of a variable field, exactly as pyiso8583 reads it.
@@ -279,7 +286,7 @@ class FastCodec:
         return int.from_bytes(b.ljust(8, b"\0"), "big")
 
     def _fields_of(self, word: int, offset: int) -> tuple[tuple[tuple, ...], bool]:
-        """The data fields a bitmap word announces, in order, and whether its bit 1 is set."""
+        """The rows of the data fields a bitmap word announces, in order, and whether its bit 1 is set."""
         fields = self._fields
         out = tuple(fields[offset + k].row for k in range(2, 65) if word >> (64 - k) & 1)
         return out, bool(word & _BIT1)
@@ -319,21 +326,27 @@ class FastCodec:
         hit = self._plans.get(s[i:j])
         if hit is None:
             hit = self._plan_primary(s, i, n, doc)
-        plan, more = hit
+        rows, more = hit
         i = j
         if more:
             j = i + w
             hit = self._plans2.get(s[i - w:j])
             if hit is None:
-                hit = self._plan_secondary(s, i, n, plan, doc)
-            plan, more = hit
+                hit = self._plan_secondary(s, i, n, rows, doc)
+            rows, more = hit
             i = j
             if more:   # bit 65: a tertiary bitmap follows
-                plan = self._plan_tertiary(s, i, n, plan, doc)
+                rows = self._plan_tertiary(s, i, n, rows, doc)
                 i += w
 
-        # Data fields, in order.
-        for key, kind, lt, ln, up, prefixes, f in plan:
+        i = self._decode_fields(rows, data, s, i, n, all_ascii, doc)
+        if i != n:
+            raise _error("Extra data after last field", rows[-1][0] if rows else "p", i, doc)
+        return doc
+
+    def _decode_fields(self, rows: tuple, data: bytes, s: str, i: int, n: int, all_ascii: bool, doc: Message) -> int:
+        """Read the fields of ``rows`` from offset ``i`` into ``doc``; the offset after them."""
+        for key, kind, lt, ln, prefixes, f in rows:
             if lt:
                 j = i + lt
                 ln = prefixes.get(s[i:j])
@@ -352,10 +365,13 @@ class FastCodec:
                 v = s[i:j]
                 if not all_ascii and not v.isascii():
                     raise _error("Failed to decode field, invalid data", key, i, doc)
-                if up:
-                    v = v.upper()
             elif kind == _BIN:
                 v = data[i:j].hex().upper()
+            elif kind == _TXT_UP:
+                v = s[i:j]
+                if not all_ascii and not v.isascii():
+                    raise _error("Failed to decode field, invalid data", key, i, doc)
+                v = v.upper()
             elif kind == _GEN:
                 try:
                     v = data[i:j].decode(f.codec)
@@ -365,12 +381,9 @@ class FastCodec:
                 raise _error(f"no spec for field {key}", key, i, doc)
             doc[key] = v
             i = j
+        return i
 
-        if i != n:
-            raise _error("Extra data after last field", plan[-1][0] if plan else "p", i, doc)
-        return doc
-
-    def _plan_primary(self, s: str, i: int, n: int, doc: Message) -> tuple[tuple[tuple, ...], bool]:
+    def _plan_primary(self, s: str, i: int, n: int, doc: Message) -> tuple[tuple, bool]:
         w = self._bm.width
         if i + w > n:
             raise _error(f"Field data is {n - i} bytes, expecting {w}", "p", i, doc)
@@ -384,7 +397,7 @@ class FastCodec:
         self._plans[raw] = hit
         return hit
 
-    def _plan_secondary(self, s: str, i: int, n: int, plan: tuple, doc: Message) -> tuple[tuple[tuple, ...], bool]:
+    def _plan_secondary(self, s: str, i: int, n: int, rows: tuple, doc: Message) -> tuple[tuple, bool]:
         w = self._bm.width
         if i + w > n:
             raise _error(f"Field data is {n - i} bytes, expecting {w}", "1", i, doc)
@@ -392,13 +405,13 @@ class FastCodec:
             sec, ter = self._fields_of(self._bitmap_word(s[i:i + w]), 64)
         except ValueError as e:
             raise _error(str(e), "1", i, doc) from None
-        hit = (plan + sec, ter)
+        hit = (rows + sec, ter)
         if len(self._plans2) >= _PLAN_CACHE_MAX:
             self._plans2.clear()
         self._plans2[s[i - w:i + w]] = hit
         return hit
 
-    def _plan_tertiary(self, s: str, i: int, n: int, plan: tuple, doc: Message) -> tuple[tuple, ...]:
+    def _plan_tertiary(self, s: str, i: int, n: int, rows: tuple, doc: Message) -> tuple[tuple, ...]:
         w = self._bm.width
         if i + w > n:
             raise _error(f"Field data is {n - i + w} bytes, expecting {2 * w}", "1", i, doc)
@@ -408,7 +421,7 @@ class FastCodec:
             raise _error(str(e), "1", i, doc) from None
         fields = self._fields
         # Bit 1 of this word is field 129, a data field.
-        return plan + tuple(fields[128 + k].row for k in range(1, 65) if word >> (64 - k) & 1)
+        return rows + tuple(fields[128 + k].row for k in range(1, 65) if word >> (64 - k) & 1)
 
     # ------------------------------------------------------------------ encode
 
@@ -489,17 +502,17 @@ class FastCodec:
 
         # Non-str values fail the join (TypeError), non-ASCII text the final
         # encode in an all-ASCII dialect: both fall back to pyiso8583.
-        for key, kind, lt, mx, up, prefixes, f in plan:
+        for key, kind, lt, mx, prefixes, f in plan:
             v = msg[key]
             if kind == _TXT:
                 if not ascii_only and not v.isascii():
                     return None
-                if up:
-                    if not v.isascii():
-                        return None
-                    v = v.upper()
             elif kind == _BIN:
                 v = binascii.a2b_hex(v).decode("latin-1")
+            elif kind == _TXT_UP:
+                if not v.isascii():
+                    return None
+                v = v.upper()
             else:
                 v = v.encode(f.codec).decode("latin-1")
             if lt:

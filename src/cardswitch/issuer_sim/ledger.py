@@ -10,6 +10,31 @@ Each processed request is a ``Txn`` holding its *effects* (debit, credit,
 hold, ...), so that a reversal undoes exactly what its original did, once.
 Accounts and records are keyed by the PAN's keyed token: the full PAN lives
 only in the request being handled.
+
+Choices where the contract is silent:
+
+- Completion or void naming no usable original (unknown, declined, reversed,
+  already completed or voided, another card): 12.
+- A card outside the bank's BIN ranges is answered like an unknown card: 14
+  (52 for a transfer credit leg, 28).
+- PIN tries: each wrong PIN (or undecodable block) answers 55 and counts; once
+  3 in a row are counted, every PIN transaction gets 75 without verifying,
+  until the day changes. A withdrawal without field 52 is 55 and not a try.
+- "Day" (PIN tries, daily withdrawal total) is the switch's business date of
+  field 15 (year inferred, closest to now), else the UTC date.
+- On-us transfer whose target card (103, inside our BINs) is unknown or not
+  active: 52, nothing moves.
+- 0220/0221 stand-in advices: posted as the switch approved them (no status,
+  PIN, funds or limit checks; may overdraw), answered 0230 with 00; what
+  cannot be posted (unknown card or original) moves nothing but is still
+  acknowledged.
+- A reversal of a voided purchase moves nothing (its void gave the money
+  back); reversing the void takes the money again and the purchase stands.
+  A reversal of a completed pre-authorization moves nothing either.
+- A reversal that arrives before its original is kept; when the original
+  comes, it is answered as usual and its effects are undone at once.
+- ``delay_ms`` delays the card's 0100/0200 answers (and their repeats), not
+  advice acknowledgements, so a reversal after a switch timeout gets through.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 
 from cardswitch.config import Bank, Endpoint, Key, Network
-from cardswitch.iso8583.constants import RC, F, mti_class, response_mti
+from cardswitch.iso8583.constants import RC, F, response_mti
 from cardswitch.iso8583.dialect import DecodeError, Dialect, EncodeError, Message, get_dialect
 from cardswitch.iso8583.framing import FrameReader, FrameTooLarge, Framing, FramingError, swap_tpdu
 from cardswitch.issuer_sim.ledger import ECHOED, IssuerLogic

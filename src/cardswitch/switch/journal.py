@@ -273,11 +273,9 @@ class Journal:
 
     def finish(self, rec: TxnRecord, loop: asyncio.AbstractEventLoop | None = None
                ) -> asyncio.Future | None:
-        """Write the outcome of ``rec`` (every column but the request and the cancel mark).
-
-        An upsert: if the write-ahead row never made it, the whole row is written.
-        """
-        return self._write(schema.TXN_FINISH, _txn_params(rec), loop)
+        """Write the outcome of ``rec`` (``schema.FINISH_FIELDS``) onto its write-ahead row."""
+        values = _txn_params(rec)
+        return self._write(schema.TXN_FINISH, tuple(values[i] for i in schema.FINISH_INDEXES) + (rec.id,), loop)
 
     def mark_cancelled(self, orig_id: int, cancelled: str, by_id: int | None,
                        loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Future | None:

@@ -1,0 +1,588 @@
+"""Test-side pieces of the end-to-end suite: the network under test, a terminal.
+
+Everything a terminal puts on the wire is built here with pyiso8583 itself
+(``iso8583.encode(doc, iso8583.specs.default_ascii)``), PIN blocks and MACs
+with psec, never with cardswitch's own codec, terminal or crypto, so the
+switch is checked by somebody else's implementation of the contract
+(wire.md). From cardswitch only the network file helpers are used, to write
+the network the test starts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import iso8583
+import iso8583.specs
+import psec.des
+import psec.mac
+import psec.pinblock
+
+from cardswitch.config import Network
+from cardswitch.netfile import dump_network, load_network, with_ports
+
+SPEC = iso8583.specs.default_ascii
+READY_TIMEOUT = 60.0      # `up` prints `ready` within this, or the test fails (no hang)
+ANSWER_TIMEOUT = 15.0     # an answer arrives within this, or the test fails (no hang)
+
+# wire.md 3: processing code positions 1-2.
+PURCHASE, WITHDRAWAL, VOID, REFUND, DEPOSIT = "00", "01", "02", "20", "21"
+BALANCE, TRANSFER, BILL = "30", "40", "50"
+
+# Fields a response echoes unchanged from its request (wire.md 4).
+ECHOED = ("2", "3", "4", "7", "11", "12", "13", "41", "42", "49", "60", "90")
+
+
+# --------------------------------------------------------------------------
+# Cards and numbers
+
+
+def luhn_digit(body: str) -> str:
+    total = 0
+    for i, ch in enumerate(reversed(body)):
+        d = int(ch)
+        if i % 2 == 0:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return str((10 - total % 10) % 10)
+
+
+def make_pan(prefix: str, serial: int, length: int = 16) -> str:
+    """A Luhn-valid PAN: prefix + zero-filled serial + check digit."""
+    body = prefix + str(serial).rjust(length - 1 - len(prefix), "0")
+    return body + luhn_digit(body)
+
+
+def break_luhn(pan: str) -> str:
+    return pan[:-1] + str((int(pan[-1]) + 1) % 10)
+
+
+def utc_field7(now: datetime | None = None) -> str:
+    return (now or datetime.now(timezone.utc)).strftime("%m%d%H%M%S")
+
+
+# --------------------------------------------------------------------------
+# Terminals as the test sees them (from the network file it wrote)
+
+
+@dataclass(frozen=True)
+class Term:
+    tid: str
+    mid: str
+    kind: str
+    acquirer_inst: str
+    currency: str
+    tpk: bytes | None
+    tak: bytes | None
+
+
+def terminals_of(net: Network) -> dict[str, Term]:
+    out = {}
+    for m in net.merchants:
+        acq = net.bank(m.acquirer).institution_id
+        for t in m.terminals:
+            out[t.id] = Term(
+                tid=t.id, mid=m.id, kind=t.kind, acquirer_inst=acq, currency=m.currency,
+                tpk=bytes.fromhex(t.tpk.text[6:]) if t.tpk is not None else None,
+                tak=bytes.fromhex(t.tak.text[6:]) if t.tak is not None else None,
+            )
+    return out
+
+
+def pin_block(pin: str, pan: str, tpk: bytes) -> str:
+    """ISO 9564 format 0 PIN block under the terminal's TPK (psec, not ours)."""
+    clear = psec.pinblock.encode_pinblock_iso_0(pin, pan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return psec.des.encrypt_tdes_ecb(tpk, clear).hex().upper()
+
+
+def add_mac(doc: dict, tak: bytes) -> dict:
+    """Field 64: ISO 9797-1 algorithm 3, padding 1, over the encoded message up to
+    (excluding) the 16 MAC characters (wire.md 7)."""
+    doc = dict(doc)
+    doc["64"] = "0" * 16
+    raw, _ = iso8583.encode(dict(doc), SPEC)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mac = psec.mac.generate_retail_mac(tak[:8], tak[8:16], bytes(raw[:-16]), 1)
+    doc["64"] = mac.hex().upper()
+    return doc
+
+
+# --------------------------------------------------------------------------
+# Requests (wire.md 3)
+
+
+class Stans:
+    """Field 11 values, never reused within one network's data directory."""
+
+    def __init__(self, start: int = 1) -> None:
+        self._it = itertools.count(start)
+
+    def __call__(self) -> str:
+        return f"{next(self._it) % 1_000_000:06d}"
+
+
+def field90(mti: str, stan: str, f7: str, acquirer_inst: str = "0", forwarder: str = "0") -> str:
+    return f"{mti}{stan}{f7}{acquirer_inst:0>11}{forwarder:0>11}"
+
+
+def financial(term: Term, stan: str, tt: str, pan: str | None, amount: int | None, *,
+              mti: str = "0200", pin: str | None = None, batch: int = 1, f7: str | None = None,
+              original: dict | None = None, to_pan: str | None = None, bill: str | None = None,
+              condition: str = "00", extra: dict | None = None, drop: tuple[str, ...] = (),
+              pin_key: bytes | None = None) -> dict:
+    """A terminal financial request. ``original``: the earlier request (dict) a
+    void/completion/reversal names in field 90."""
+    now = datetime.now(timezone.utc)
+    doc = {
+        "t": mti,
+        "3": f"{tt}0000",
+        "7": f7 or utc_field7(now),
+        "11": stan,
+        "12": now.strftime("%H%M%S"),
+        "13": now.strftime("%m%d"),
+        "22": "051" if pin else "021",
+        "25": condition,
+        "41": term.tid,
+        "42": term.mid,
+        "49": term.currency,
+        "60": f"{batch:06d}",
+    }
+    if pan is not None:
+        doc["2"] = pan
+    if amount is not None:
+        doc["4"] = f"{amount:012d}"
+    if pin is not None:
+        key = pin_key or term.tpk
+        assert key is not None, f"{term.tid} has no TPK"
+        doc["52"] = pin_block(pin, pan or "", key)
+    if original is not None:
+        doc["90"] = field90(original["t"], original["11"], original["7"], term.acquirer_inst)
+    if to_pan is not None:
+        doc["103"] = to_pan
+    if bill is not None:
+        doc["62"] = bill
+    if extra:
+        doc.update(extra)
+    for k in drop:
+        doc.pop(k, None)
+    return doc
+
+
+def reversal(term: Term, stan: str, original: dict, *, mti: str = "0400") -> dict:
+    """0400 naming ``original`` by field 90; amount and processing code as the original."""
+    now = datetime.now(timezone.utc)
+    doc = {
+        "t": mti, "3": original["3"], "7": utc_field7(now), "11": stan,
+        "12": now.strftime("%H%M%S"), "13": now.strftime("%m%d"), "22": original.get("22", "021"),
+        "25": "00", "41": term.tid, "42": term.mid, "49": term.currency, "60": original.get("60", "000001"),
+        "90": field90(original["t"], original["11"], original["7"], term.acquirer_inst),
+    }
+    if "2" in original:
+        doc["2"] = original["2"]
+    if "4" in original:
+        doc["4"] = original["4"]
+    return doc
+
+
+def batch_close(term: Term, stan: str, batch: int, credits: tuple[int, int], debits: tuple[int, int],
+                proc: str = "920000") -> dict:
+    return {
+        "t": "0500", "3": proc, "7": utc_field7(), "11": stan, "41": term.tid, "42": term.mid,
+        "60": f"{batch:06d}",
+        "74": f"{credits[0]:010d}", "86": f"{credits[1]:016d}",
+        "76": f"{debits[0]:010d}", "88": f"{debits[1]:016d}",
+    }
+
+
+def network_mgmt(term: Term, stan: str, code: str) -> dict:
+    return {"t": "0800", "7": utc_field7(), "11": stan, "41": term.tid, "42": term.mid, "70": code}
+
+
+def encode(doc: dict) -> bytes:
+    raw, _ = iso8583.encode(dict(doc), SPEC)
+    return bytes(raw)
+
+
+def frame(payload: bytes) -> bytes:
+    return len(payload).to_bytes(2, "big") + payload
+
+
+# --------------------------------------------------------------------------
+# Field 54
+
+
+@dataclass(frozen=True)
+class Amount54:
+    account_type: str
+    amount_type: str
+    currency: str
+    sign: str
+    amount: int
+
+    @property
+    def signed(self) -> int:
+        return self.amount if self.sign == "C" else -self.amount
+
+
+def parse54(value: str) -> list[Amount54]:
+    assert len(value) % 20 == 0 and value, f"field 54 {value!r} is not 20-character entries"
+    out = []
+    for i in range(0, len(value), 20):
+        e = value[i:i + 20]
+        assert e[:4].isdigit() and e[4:7].isdigit() and e[7] in "CD" and e[8:].isdigit(), \
+            f"field 54 entry {e!r} malformed"
+        out.append(Amount54(e[:2], e[2:4], e[4:7], e[7], int(e[8:])))
+    return out
+
+
+def balances(resp: dict) -> tuple[int, int]:
+    """(ledger, available) from field 54."""
+    entries = {e.amount_type: e for e in parse54(resp["54"])}
+    assert set(entries) >= {"01", "02"}, f"field 54 lacks ledger/available: {resp['54']!r}"
+    return entries["01"].signed, entries["02"].signed
+
+
+# --------------------------------------------------------------------------
+# A terminal connection: 2-byte framing, many requests in flight, matched by 41 + 11
+
+
+class NoAnswer(AssertionError):
+    pass
+
+
+class Conn:
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = ANSWER_TIMEOUT,
+                 mac: bool = True, terms: dict[str, Term] | None = None) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.timeout = timeout
+        self.buf = bytearray()
+        self.stash: dict[tuple[str, str], list[dict]] = {}
+        self.order: list[dict] = []          # every response, in arrival order
+        self.mac = mac
+        self.terms = terms or {}
+
+    def __enter__(self) -> Conn:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    # -- sending ---------------------------------------------------------------
+
+    def prepare(self, doc: dict) -> bytes:
+        term = self.terms.get(doc.get("41", ""))
+        if self.mac and term is not None and term.tak is not None and doc["t"][:2] != "08":
+            doc = add_mac(doc, term.tak)
+        return encode(doc)
+
+    def send(self, doc: dict) -> None:
+        self.sock.sendall(frame(self.prepare(doc)))
+
+    def send_many(self, docs: list[dict]) -> None:
+        """All frames in one write: pipelined, no waiting between them."""
+        self.sock.sendall(b"".join(frame(self.prepare(d)) for d in docs))
+
+    def send_bytes(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    # -- receiving -------------------------------------------------------------
+
+    def _fill(self, deadline: float) -> bool:
+        """Read more bytes; False on EOF."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise NoAnswer(f"no answer from the switch within {self.timeout:.0f}s")
+        self.sock.settimeout(left)
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            raise NoAnswer(f"no answer from the switch within {self.timeout:.0f}s") from None
+        if not data:
+            return False
+        self.buf += data
+        return True
+
+    def read_frame(self, deadline: float | None = None) -> bytes | None:
+        """The next frame's payload, or None when the switch closed the connection."""
+        deadline = deadline or time.monotonic() + self.timeout
+        while True:
+            if len(self.buf) >= 2:
+                n = int.from_bytes(self.buf[:2], "big")
+                if len(self.buf) >= 2 + n:
+                    payload = bytes(self.buf[2:2 + n])
+                    del self.buf[:2 + n]
+                    return payload
+            if not self._fill(deadline):
+                return None
+
+    def next_response(self, deadline: float | None = None) -> dict:
+        payload = self.read_frame(deadline)
+        if payload is None:
+            raise ConnectionError("the switch closed the connection")
+        doc, _ = iso8583.decode(payload, SPEC)
+        doc.pop("p", None)
+        doc.pop("1", None)
+        self.order.append(doc)
+        return doc
+
+    def wait_for(self, tid: str, stan: str) -> dict:
+        deadline = time.monotonic() + self.timeout
+        key = (tid, stan)
+        while not self.stash.get(key):
+            resp = self.next_response(deadline)
+            self.stash.setdefault((resp.get("41", ""), resp.get("11", "")), []).append(resp)
+        return self.stash[key].pop(0)
+
+    def request(self, doc: dict) -> dict:
+        self.send(doc)
+        return self.wait_for(doc.get("41", ""), doc["11"])
+
+    def closed_by_switch(self, timeout: float = ANSWER_TIMEOUT) -> bool:
+        """True once the switch has closed this connection (EOF or reset)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if not self._fill(deadline):
+                    return True
+            except (ConnectionResetError, BrokenPipeError):
+                return True
+            except NoAnswer:
+                return False
+
+
+# --------------------------------------------------------------------------
+# The network under test: `cardswitch up -c FILE` as a subprocess
+
+
+def default_test_network(data_dir: Path) -> Network:
+    """The packaged default network on free loopback ports, data in ``data_dir``."""
+    return with_ports(load_network(None), data_dir=str(data_dir))
+
+
+def reported_business_dates(net: Network) -> set[str]:
+    tz = ZoneInfo(net.switch.timezone)
+    return {datetime.now(tz).strftime("%m%d")}
+
+
+@dataclass
+class Running:
+    """One `cardswitch up` process and what it printed."""
+
+    net: Network
+    netfile: Path
+    workdir: Path
+    proc: subprocess.Popen
+    stdout_lines: list[str]
+    stderr_path: Path
+    business_dates: set[str] = field(default_factory=set)
+    returncode: int | None = None
+    _reader: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self.net.switch.listen.port
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.net.switch.data_dir)
+
+    def conn(self, **kw) -> Conn:
+        kw.setdefault("terms", terminals_of(self.net))
+        return Conn(self.port, self.net.switch.listen.host, **kw)
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        try:
+            self.returncode = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"`cardswitch up` did not exit within {timeout:.0f}s of SIGTERM")
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        return self.returncode
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, wait for the exit; the exit code (0 expected)."""
+        if self.returncode is not None:
+            return self.returncode
+        self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+
+    def logs(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+
+def write_network(net: Network, path: Path) -> Path:
+    path.write_text(dump_network(net))
+    return path
+
+
+def start_up(net: Network, workdir: Path, *, name: str = "up", args: tuple[str, ...] = ()) -> Running:
+    """Write ``net`` to a file and start `cardswitch up -c FILE`; return once it printed `ready`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    netfile = workdir / "network.toml"
+    if not netfile.exists() or netfile.read_text() != dump_network(net):
+        write_network(net, netfile)
+    stderr_path = workdir / f"{name}.stderr.log"
+    stderr = open(stderr_path, "ab")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    dates_before = reported_business_dates(net)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cardswitch.cli", "up", "-c", str(netfile), *args],
+        stdout=subprocess.PIPE, stderr=stderr, cwd=workdir, env=env, start_new_session=True, text=True)
+    stderr.close()
+    lines: list[str] = []
+    q: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            q.put(line)
+        q.put(None)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    run = Running(net=net, netfile=netfile, workdir=workdir, proc=proc, stdout_lines=lines,
+                  stderr_path=stderr_path, _reader=reader)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        try:
+            line = q.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            run.kill()
+            raise AssertionError(f"`cardswitch up` printed no `ready` within {READY_TIMEOUT:.0f}s; "
+                                 f"log:\n{run.logs()[-3000:]}")
+        if line is None:
+            run.wait(5)
+            raise AssertionError(f"`cardswitch up` exited ({proc.returncode}) before `ready`; "
+                                 f"log:\n{run.logs()[-3000:]}")
+        if line.strip() == "ready":
+            break
+    run.business_dates = dates_before | reported_business_dates(net)
+    return run
+
+
+def with_cards(net: Network, bank_id: str, *cards) -> Network:
+    banks = tuple(replace(b, cards=b.cards + tuple(cards)) if b.id == bank_id else b for b in net.banks)
+    return replace(net, banks=banks)
+
+
+def with_terminal(net: Network, merchant_id: str, terminal) -> Network:
+    merchants = tuple(replace(m, terminals=m.terminals + (terminal,)) if m.id == merchant_id else m
+                      for m in net.merchants)
+    return replace(net, merchants=merchants)
+
+
+# --------------------------------------------------------------------------
+# Checks shared by the modules
+
+
+def assert_response_shape(req: dict, resp: dict, rc: str | None = None, *,
+                          business_dates: set[str] | None = None) -> None:
+    """wire.md 4: MTI + 10, the echoed fields unchanged, 37/38/39/15 as they should be."""
+    assert resp["t"] == req["t"][:2] + str(int(req["t"][2]) + 1) + "0", (req["t"], resp["t"])
+    for k in ECHOED:
+        if k in req:
+            assert resp.get(k) == req[k], f"field {k}: sent {req[k]!r}, echoed {resp.get(k)!r}"
+    if rc is not None:
+        assert resp.get("39") == rc, f"39: expected {rc}, got {resp.get('39')} ({resp})"
+    assert "39" in resp
+    if resp["39"] != "30":
+        assert len(resp.get("37", "")) == 12, f"37 missing or not 12 characters: {resp.get('37')!r}"
+        if business_dates is not None:
+            assert resp.get("15") in business_dates, f"15 {resp.get('15')!r} is not the business date"
+    if resp["39"] == "00" and req["t"][:2] in ("01", "02"):
+        assert len(resp.get("38", "")) == 6, f"38 missing on an approval: {resp}"
+    if resp["39"] != "00":
+        assert "38" not in resp, f"38 on a decline: {resp}"
+
+
+# --------------------------------------------------------------------------
+# A test's view of one running network: terminals, STANs, one connection
+
+
+BALANCE_TERMINAL = "POS00002"   # balance inquiries go here, on a batch nothing closes
+BALANCE_BATCH = 99
+
+
+class Driver:
+    """Sends requests as terminals would and keeps every (request, response)."""
+
+    def __init__(self, run: Running, stans: Stans | None = None) -> None:
+        self.run = run
+        self.T = terminals_of(run.net)
+        self.stan = stans or Stans()
+        self.log: list[tuple[dict, dict]] = []
+        self._conn: Conn | None = None
+
+    @property
+    def conn(self) -> Conn:
+        if self._conn is None:
+            self._conn = self.run.conn()
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def fin(self, tid: str, tt: str, pan: str | None, amount: int | None, **kw) -> dict:
+        return financial(self.T[tid], kw.pop("stan", None) or self.stan(), tt, pan, amount, **kw)
+
+    def ask(self, req: dict, rc: str | None = None, conn: Conn | None = None) -> dict:
+        """Send, wait for the matching answer, check its shape (and code)."""
+        resp = (conn or self.conn).request(req)
+        self.log.append((req, resp))
+        assert_response_shape(req, resp, rc, business_dates=self.run.business_dates)
+        return resp
+
+    def balance(self, pan: str, tid: str = BALANCE_TERMINAL) -> tuple[int, int]:
+        """(ledger, available) by a balance inquiry."""
+        resp = self.ask(self.fin(tid, BALANCE, pan, None, batch=BALANCE_BATCH), "00")
+        return balances(resp)
+
+    def wait_balance(self, pan: str, expected: tuple[int, int], timeout: float = 10.0) -> tuple[int, int]:
+        """The balance once it equals ``expected`` (reversal advices are delivered
+        behind the terminal's answer); the last one seen after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        got = self.balance(pan)
+        while got != expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+            got = self.balance(pan)
+        return got
