@@ -78,10 +78,11 @@ class FakeLink:
         return [m for m in self.sent if m[F.MTI] in ("0420", "0421")]
 
     async def request(self, msg: dict, timeout_s: float) -> dict:
-        result = self.script(msg)
-        if isinstance(result, LinkDown):          # nothing sent: no STAN
-            raise result
         msg[F.STAN] = f"{next(self._stan):06d}"
+        result = self.script(msg)
+        if isinstance(result, LinkDown):          # nothing sent: BankLink raises before stamping 11
+            del msg[F.STAN]
+            raise result
         self.sent.append(dict(msg))
         if self.arrived is not None:
             self.arrived.set()
@@ -239,7 +240,8 @@ def test_purchase_approved_and_journaled(tmp_path, network):
         assert row.status == Status.APPROVED and row.response_code == RC.APPROVED
         assert row.rrn == out[F.RRN] and row.auth_code == "A00001"
         assert row.issuer_stan == out[F.STAN] and row.issuer_transmitted == out[F.TRANSMISSION_DT]
-        assert (row.kind, row.amount, row.issuer_id, row.acquirer_id) == (Kind.PURCHASE, 1000, "BANKA", "BANKA")
+        assert (row.kind, row.amount, row.issuer_id, row.acquirer_id) == \
+            (Kind.PURCHASE, 1000, "BANKA", "BANKA")
         assert row.pan_masked == "622126******0018" and row.business_date == BUSINESS_DATE
         assert CARD_A not in repr(row)
         h.journal.flush()
@@ -320,18 +322,22 @@ def test_link_timeout_is_91_status_timeout(tmp_path, network):
     run(tmp_path, network, body)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: pipeline.py ask_issuer/_send: an issuer timeout (LinkTimeout) "
-                   "answers 91 but never sends the 0420 reversal for what the issuer may have done "
-                   "(default_network.toml issuer_timeout_ms: '91 to the terminal, then a reversal'; "
-                   "banklink.LinkTimeout: 'the caller reverses')")
 def test_link_timeout_is_followed_by_a_reversal_advice(tmp_path, network):
+    # The issuer may have approved what the terminal never saw: the switch undoes it
+    # (default_network.toml issuer_timeout_ms: "91 to the terminal, then a reversal").
     async def body(h: Harness):
         bank = h.links["BANKA"]
         bank.script = lambda m: LinkTimeout("no answer") if m[F.MTI] == "0200" else {F.RESPONSE_CODE: "00"}
-        await h.handle(request(stan="000023"))
+        req = request(stan="000023")
+        await h.handle(req)
         await settle_background(h)
         (adv,) = bank.advices()
-        assert parse_field90(adv[F.ORIGINAL_DATA]).stan == bank.sent[0][F.STAN]
+        sent = bank.sent[0]
+        assert adv[F.ORIGINAL_DATA] == ("0200" + sent[F.STAN] + sent[F.TRANSMISSION_DT]
+                                        + BANKA_INST.zfill(11) + SWITCH_INST.zfill(11))
+        assert the_record(h, req).cancelled == Cancel.REVERSED
+        (row,) = h.rows()
+        assert row.status == Status.TIMEOUT and row.cancelled == Cancel.REVERSED
 
     run(tmp_path, network, body)
 
@@ -484,7 +490,7 @@ def test_repeat_while_the_original_is_in_flight_waits_for_its_answer(tmp_path, n
         bank.gate, bank.arrived = asyncio.Event(), asyncio.Event()
         req = request(stan="000045")
         first = asyncio.create_task(h.handle(req))
-        await bank.arrived.wait()
+        await asyncio.wait_for(bank.arrived.wait(), 10)   # bounded: a broken pipeline fails, never hangs
         repeat = asyncio.create_task(h.handle(dict(req, t="0201")))
         for _ in range(20):
             await asyncio.sleep(0)
@@ -496,25 +502,30 @@ def test_repeat_while_the_original_is_in_flight_waits_for_its_answer(tmp_path, n
     run(tmp_path, network, body)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: pipeline.py financial(): a request declined before "
-                   "index.add (finish_local: 14, 13, 58, 15...) is journaled but never indexed, so the "
-                   "same 41+11+7 again is processed anew instead of 94 (wire.md 6a 'as one already "
-                   "received that day'); after a restart the same resend IS 94 (rows are re-indexed)")
-def test_resend_of_a_locally_declined_request_is_94(tmp_path, network):
+@pytest.mark.parametrize("change, rc", [
+    ({"amount": 0}, RC.INVALID_AMOUNT),
+    ({"pan": "6221260000000019"}, RC.INVALID_CARD),
+    ({"proc": "010000"}, RC.NOT_PERMITTED_TERMINAL),
+    ({"tid": "POS99999"}, RC.INVALID_MERCHANT),
+    ({"pan": "4111111111111111"}, RC.NO_SUCH_ISSUER),
+])
+def test_resend_of_a_locally_declined_request_is_94(tmp_path, network, change, rc):
+    # wire.md 6a: "as one already received that day", whatever its answer was.
     async def body(h: Harness):
-        req = request(stan="000046", amount=0)
+        req = request(stan="000046", **change)
         first = await h.handle(req)
-        assert first[F.RESPONSE_CODE] == RC.INVALID_AMOUNT
+        assert first[F.RESPONSE_CODE] == rc
         second = await h.handle(req)
         assert second[F.RESPONSE_CODE] == RC.DUPLICATE
+        assert not any(link.sent for link in h.links.values())
+        repeat = await h.handle(dict(req, t="0201"))
+        assert repeat == first
 
     run(tmp_path, network, body)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: pipeline.py financial(): check_batch runs before the replay, "
-                   "so a repeat (0201) of an answered request after its batch closed gets 12 instead of "
-                   "the very same response (wire.md 6a)")
 def test_repeat_after_batch_close_gets_the_same_response(tmp_path, network):
+    # The replay comes before the batch check: a repeat changes nothing and answers as before.
     async def body(h: Harness):
         req = request(stan="000047")
         first = await h.handle(req)
@@ -526,11 +537,9 @@ def test_repeat_after_batch_close_gets_the_same_response(tmp_path, network):
     run(tmp_path, network, body)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: pipeline.py finish_local journals the 94 answer to a duplicate "
-                   "with the same 41+11+7+MTI class as its original, and index.py TxnIndex.add overwrites "
-                   "by key; after a restart (index rebuilt from the journal) the declined duplicate hides "
-                   "the approved original, so its reversal answers 00 but never sends the 0420")
 def test_duplicate_does_not_hide_its_original_after_restart(tmp_path, network):
+    # The 94 answer to a duplicate is journaled under its original's key; rebuilding the
+    # index from the journal must keep the original findable (its reversal still undoes it).
     async def body(h: Harness):
         req = request(stan="000049")
         assert (await h.handle(req))[F.RESPONSE_CODE] == RC.APPROVED
@@ -560,12 +569,16 @@ def test_duplicate_does_not_hide_its_original_after_restart(tmp_path, network):
     asyncio.run(main())
 
 
-@pytest.mark.xfail(strict=True, reason="bug: pipeline.py ask_issuer/respond always assign a new RRN; "
-                   "wire.md 4: 37 is 'assigned by the switch when the request has none'")
 def test_request_rrn_is_kept(tmp_path, network):
+    # wire.md 4: 37 is "assigned by the switch when the request has none".
     async def body(h: Harness):
         resp = await h.handle(request(stan="000051", **{F.RRN: "123456789012"}))
         assert resp[F.RRN] == "123456789012"
+        assert h.links["BANKA"].sent[0][F.RRN] == "123456789012"
+        declined = await h.handle(request(stan="000052", amount=0, **{F.RRN: "123456789013"}))
+        assert declined[F.RRN] == "123456789013"
+        own = await h.handle(request(stan="000053"))
+        assert own[F.RRN] != "123456789012" and len(own[F.RRN]) == 12
 
     run(tmp_path, network, body)
 
@@ -652,6 +665,18 @@ def test_reversal_of_a_declined_original_is_00_and_sends_nothing(tmp_path, netwo
     run(tmp_path, network, body)
 
 
+def test_reversal_of_a_locally_declined_original_is_00_and_sends_nothing(tmp_path, network):
+    async def body(h: Harness):
+        req = request(stan="000080", pan="6221260000000019")        # 14 at the switch
+        assert (await h.handle(req))[F.RESPONSE_CODE] == RC.INVALID_CARD
+        resp = await h.handle(reversal(req, stan="000081"))
+        await settle_background(h)
+        assert resp[F.RESPONSE_CODE] == RC.APPROVED
+        assert not any(link.sent for link in h.links.values())
+
+    run(tmp_path, network, body)
+
+
 def test_reversal_of_a_timed_out_original_is_sent(tmp_path, network):
     async def body(h: Harness):
         bank = h.links["BANKA"]
@@ -661,8 +686,9 @@ def test_reversal_of_a_timed_out_original_is_sent(tmp_path, network):
         resp = await h.handle(reversal(req, stan="000071"))
         await settle_background(h)
         assert resp[F.RESPONSE_CODE] == RC.APPROVED
-        assert len(bank.advices()) >= 1
-        assert all(parse_field90(a[F.ORIGINAL_DATA]).stan == bank.sent[0][F.STAN] for a in bank.advices())
+        # One 0420 in all: the switch's own after the timeout; the terminal's changes nothing.
+        (adv,) = bank.advices()
+        assert parse_field90(adv[F.ORIGINAL_DATA]).stan == bank.sent[0][F.STAN]
 
     run(tmp_path, network, body)
 
@@ -673,7 +699,7 @@ def test_reversal_before_the_original_is_answered(tmp_path, network):
         bank.gate, bank.arrived = asyncio.Event(), asyncio.Event()
         req = request(stan="000072")
         purchase = asyncio.create_task(h.handle(req))
-        await bank.arrived.wait()                      # the original is at the issuer
+        await asyncio.wait_for(bank.arrived.wait(), 10)   # the original is at the issuer (bounded: never hangs)
         rev = asyncio.create_task(h.handle(reversal(req, stan="000073")))
         for _ in range(20):
             await asyncio.sleep(0)
@@ -700,6 +726,47 @@ def test_reversal_of_a_preauth(tmp_path, network):
         assert adv[F.ORIGINAL_DATA][:4] == "0100"
 
     run(tmp_path, network, body)
+
+
+def test_reversal_of_a_completed_preauth_changes_nothing(tmp_path, network):
+    async def body(h: Harness):
+        bank = h.links["BANKA"]
+        pre = request("0100", stan="000076", amount=5000)
+        await h.handle(pre)
+        assert (await h.handle(completion(pre, stan="000077", amount=4000)))[F.RESPONSE_CODE] == "00"
+        resp = await h.handle(reversal(pre, stan="000078"))
+        await settle_background(h)
+        assert resp[F.RESPONSE_CODE] == RC.APPROVED
+        assert bank.advices() == []
+        assert the_record(h, pre).cancelled == Cancel.COMPLETED
+        assert h.ctx.index.totals(POS, "000001") == BatchTotals(0, 0, 1, 4000)
+
+    run(tmp_path, network, body)
+
+
+def test_repeat_after_restart_gets_the_same_response(tmp_path, network):
+    # The response memory is gone after a restart: the answer is rebuilt from the journal,
+    # 38 and 54 included.
+    balance = "0002156C000000100000"
+
+    async def main():
+        h = Harness(tmp_path, network)
+        h.links["BANKA"].script = lambda m: {F.RESPONSE_CODE: "00", F.AUTH_CODE: "B00001",
+                                             F.ADDITIONAL_AMOUNTS: balance}
+        req = request("0200", "011000", stan="000079", tid=ATM, mid=ATM_MID, amount=20000)
+        first = await h.handle(req)
+        await h.pipeline.drain()
+        h.close()
+        h2 = Harness(tmp_path, network)
+        try:
+            again = await h2.handle(dict(req, t="0201"))
+            assert again == first
+            assert h2.links["BANKA"].sent == []
+        finally:
+            await h2.pipeline.drain()
+            h2.close()
+
+    asyncio.run(main())
 
 
 # -- void and completion ----------------------------------------------------------------------------
@@ -745,11 +812,8 @@ def test_void_declined_by_the_issuer_leaves_the_purchase(tmp_path, network):
     run(tmp_path, network, body)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: pipeline.py reverse(): a reversal of a purchase already voided "
-                   "re-marks it reversed and sends a 0420 for it, so the issuer undoes the purchase twice "
-                   "(void credit + reversal); it should answer like 'already reversed' and change nothing "
-                   "(wire.md 6a)")
 def test_reversal_of_a_voided_purchase_changes_nothing(tmp_path, network):
+    # The void already credited the purchase back at the issuer: a 0420 would undo it twice.
     async def body(h: Harness):
         bank = h.links["BANKA"]
         req = request(stan="000086")
@@ -763,10 +827,8 @@ def test_reversal_of_a_voided_purchase_changes_nothing(tmp_path, network):
     run(tmp_path, network, body)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: pipeline.py reverse(): reversing an approved void sends the "
-                   "0420 for the void but leaves its purchase marked voided, so batch totals (and "
-                   "settlement) miss a purchase the issuer still holds")
 def test_reversal_of_a_void_restores_the_purchase(tmp_path, network):
+    # The issuer undoes the void, so it holds the purchase again: so must the batch totals.
     async def body(h: Harness):
         req = request(stan="000089", amount=700)
         await h.handle(req)
@@ -775,7 +837,12 @@ def test_reversal_of_a_void_restores_the_purchase(tmp_path, network):
         resp = await h.handle(reversal(v, stan="000091"))
         await settle_background(h)
         assert resp[F.RESPONSE_CODE] == RC.APPROVED
+        (adv,) = h.links["BANKA"].advices()
+        assert adv[F.PROC] == "020000"
         assert h.ctx.index.totals(POS, "000001") == BatchTotals(0, 0, 1, 700)
+        rows = {r.kind: r for r in h.rows()}
+        assert rows[Kind.PURCHASE].cancelled == Cancel.NONE
+        assert rows[Kind.VOID].cancelled == Cancel.REVERSED
 
     run(tmp_path, network, body)
 

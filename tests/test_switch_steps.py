@@ -98,13 +98,12 @@ def f90(rec: TxnRecord) -> str:
 
 
 def up_to_original(t: Txn, ctx: Context) -> str | None:
-    """The steps the pipeline runs before ``find_original``, as it runs them."""
-    rc = (steps.classify(t) or steps.validate(t, ctx) or steps.identify_terminal(t, ctx)
-          or steps.check_allowed(t, ctx) or steps.detect_duplicate(t, ctx)
-          or (None if t.kind == Kind.REVERSAL else
-              steps.read_card(t, ctx) or steps.check_amount(t, ctx) or steps.check_batch(t, ctx)))
+    """The steps the pipeline runs before ``find_original``, in its order."""
+    rc = steps.classify(t) or steps.validate(t, ctx) or steps.detect_duplicate(t, ctx)
     steps.start_record(t, ctx, 999_999)
-    return rc
+    return rc or (steps.identify_terminal(t, ctx) or steps.check_allowed(t, ctx)
+                  or (None if t.kind == Kind.REVERSAL else
+                      steps.read_card(t, ctx) or steps.check_amount(t, ctx) or steps.check_batch(t, ctx)))
 
 
 # -- classify ------------------------------------------------------------------
@@ -140,14 +139,10 @@ def test_classify_names_the_transaction(mti, proc, extra, kind):
     ("0100", "300000"),
     ("0200", "280000"),   # the transfer credit leg is switch-to-issuer only
     ("0200", "990000"),
-    ("0200", ""),
     ("0300", "000000"),
 ])
 def test_classify_unknown_is_12(mti, proc):
-    req = request(mti, proc)
-    if not proc:
-        del req[F.PROC]
-    t = txn(req)
+    t = txn(request(mti, proc))
     assert steps.classify(t) == RC.INVALID_TRANSACTION
     assert t.kind == ""
 
@@ -172,10 +167,9 @@ def test_validate_missing_mandatory_field_is_30(ctx, missing):
     assert steps.validate(classified(req), ctx) == RC.FORMAT_ERROR
 
 
-@pytest.mark.xfail(strict=True, reason="bug: classify runs before validate, so a 0200 without field 3 "
-                   "or with non-digits in 3 positions 1-2 is answered 12, not 30 (wire.md 4)")
-@pytest.mark.parametrize("proc", [None, "A00000", "0 0000"])
-def test_missing_or_non_numeric_processing_code_is_30(ctx, proc):
+@pytest.mark.parametrize("proc", [None, "", "A00000", "0 0000", "00A000", "00000", "0000000"])
+def test_missing_or_non_numeric_processing_code_is_30_not_12(ctx, proc):
+    # wire.md 4: non-digits in 3, or 3 missing, is a format error, whatever else is wrong.
     req = request()
     if proc is None:
         del req[F.PROC]
@@ -192,7 +186,6 @@ def test_validate_balance_inquiry_needs_no_amount(ctx):
 
 @pytest.mark.parametrize("field, value", [
     (F.AMOUNT, "00000000001A"),
-    (F.PROC, "00A000"),
     (F.STAN, "12345X"),
     (F.CURRENCY, "CNY"),
     (F.TRANSMISSION_DT, "1332101500"),   # month 13
@@ -697,3 +690,15 @@ def test_terminal_totals_and_fields_round_trip():
     tot = steps.terminal_totals(req)
     assert tot == BatchTotals(2, 1500, 3, 123456)
     assert steps.totals_fields(tot) == req
+
+
+def test_start_record_before_the_card_is_read(ctx):
+    """The row of a request declined early still names its card (masked) and amount."""
+    t = classified(request(pan=None, amount=4321, **{F.TRACK2: CARD_A + "=3012101"}))
+    rec = steps.start_record(t, ctx, 7)
+    assert rec.pan_masked == "622126******0018" and rec.amount == 4321
+    assert rec.acquirer_id == ""                     # the terminal is not identified yet
+    assert steps.identify_terminal(t, ctx) is None
+    assert rec.acquirer_id == "BANKA"
+    bad = classified(request(pan="62212600000000A8"))
+    assert steps.start_record(bad, ctx, 8).pan_masked == ""

@@ -63,7 +63,7 @@ def cmd_check(args) -> int:
 
 # -- up: the parent starts each part as its own process -------------------------------
 
-PARTS = ("banks", "switch")
+PARTS = ("hsm", "banks", "switch")   # start order: the banks and the switch use the HSM
 
 
 def _accepting(ep: Endpoint) -> bool:
@@ -79,6 +79,8 @@ def _part_endpoints(net: Network, part: str) -> list[Endpoint]:
         return [net.switch.listen]
     if part == "banks":
         return [b.host for b in net.banks if b.simulate]
+    if part == "hsm":
+        return [net.hsm.listen] if net.hsm.simulate else []
     return []
 
 
@@ -101,7 +103,7 @@ def cmd_up(args) -> int:
     net = _load(args.config)
     parts = PARTS if not args.only else tuple(p.strip() for p in args.only.split(","))
     for p in parts:
-        if p not in PARTS + ("hsm",):
+        if p not in PARTS:
             raise CliError(f"--only: unknown part {p!r} (parts: {', '.join(PARTS)})")
     procs: list[subprocess.Popen] = []
     stopping = False
@@ -175,7 +177,11 @@ def cmd_serve(args) -> int:
     if args.part == "switch":
         return asyncio.run(_serve_switch(net))
     if args.part == "banks":
-        return asyncio.run(_serve_banks(net))
+        return asyncio.run(_serve_until_signal(_run_banks(net)))
+    if args.part == "hsm":
+        from cardswitch.hsm_sim.server import run_hsm
+
+        return asyncio.run(_serve_until_signal(run_hsm(net)))
     raise CliError(f"unknown part {args.part!r}")
 
 
@@ -197,11 +203,21 @@ async def _serve_switch(net: Network) -> int:
     return 0
 
 
-async def _serve_banks(net: Network) -> int:
+async def _run_banks(net: Network) -> None:
     from cardswitch.issuer_sim.server import run_banks
 
-    task = asyncio.create_task(run_banks(net, net.switch.data_dir))
-    await _until_signal()
+    await run_banks(net, net.switch.data_dir)
+
+
+async def _serve_until_signal(coro) -> int:
+    """Run a server coroutine until SIGTERM/SIGINT, then cancel it (it drains)."""
+    task = asyncio.create_task(coro)
+    stop = asyncio.create_task(_until_signal())
+    done, _ = await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:                 # the server ended on its own: an error
+        stop.cancel()
+        task.result()
+        return 1
     task.cancel()
     try:
         await task
@@ -262,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_check)
 
     sp = with_config(sub.add_parser("up", help="start the switch and the simulators the file names; prints `ready`"))
-    sp.add_argument("--only", metavar="PARTS", help="comma-separated parts to start: switch, banks")
+    sp.add_argument("--only", metavar="PARTS", help="comma-separated parts to start: hsm, banks, switch")
     sp.set_defaults(func=cmd_up)
 
     sp = with_config(sub.add_parser("serve", help=argparse.SUPPRESS))

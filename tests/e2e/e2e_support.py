@@ -21,7 +21,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -269,6 +269,10 @@ class NoAnswer(AssertionError):
 
 
 class Conn:
+    """A terminal's (or concentrator's) TCP connection to the switch: blocking
+    socket, 2-byte big-endian length framing, any number of requests in
+    flight; answers are matched by 41 + 11 and may come in any order."""
+
     def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = ANSWER_TIMEOUT,
                  mac: bool = True, terms: dict[str, Term] | None = None) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout)
@@ -294,8 +298,9 @@ class Conn:
     # -- sending ---------------------------------------------------------------
 
     def prepare(self, doc: dict) -> bytes:
+        """Encoded, with field 64 when the terminal has a MAC key (wire.md 7)."""
         term = self.terms.get(doc.get("41", ""))
-        if self.mac and term is not None and term.tak is not None and doc["t"][:2] != "08":
+        if self.mac and term is not None and term.tak is not None and "64" not in doc:
             doc = add_mac(doc, term.tak)
         return encode(doc)
 
@@ -384,8 +389,13 @@ def default_test_network(data_dir: Path) -> Network:
 
 
 def reported_business_dates(net: Network) -> set[str]:
-    tz = ZoneInfo(net.switch.timezone)
-    return {datetime.now(tz).strftime("%m%d")}
+    """Field 15 values that are right now: today where the switch is, and
+    tomorrow once today's cutover time has passed (settlement.md)."""
+    now = datetime.now(ZoneInfo(net.switch.timezone))
+    dates = {now.strftime("%m%d")}
+    if now.strftime("%H:%M") >= net.switch.cutover:
+        dates.add((now + timedelta(days=1)).strftime("%m%d"))
+    return dates
 
 
 @dataclass
@@ -398,13 +408,18 @@ class Running:
     proc: subprocess.Popen
     stdout_lines: list[str]
     stderr_path: Path
-    business_dates: set[str] = field(default_factory=set)
+    started_dates: set[str] = field(default_factory=set)
     returncode: int | None = None
     _reader: threading.Thread | None = None
 
     @property
     def port(self) -> int:
         return self.net.switch.listen.port
+
+    @property
+    def business_dates(self) -> set[str]:
+        """What field 15 may be: the business date when `up` started, or now."""
+        return self.started_dates | reported_business_dates(self.net)
 
     @property
     def data_dir(self) -> Path:
@@ -494,7 +509,7 @@ def start_up(net: Network, workdir: Path, *, name: str = "up", args: tuple[str, 
                                  f"log:\n{run.logs()[-3000:]}")
         if line.strip() == "ready":
             break
-    run.business_dates = dates_before | reported_business_dates(net)
+    run.started_dates = dates_before | reported_business_dates(net)
     return run
 
 

@@ -24,7 +24,7 @@ import pytest
 from cardswitch.config import Card
 
 from e2e_support import (
-    PURCHASE, TRANSFER, WITHDRAWAL, Driver, Stans, batch_close, break_luhn, default_test_network,
+    PURCHASE, TRANSFER, VOID, WITHDRAWAL, Driver, Stans, batch_close, break_luhn, default_test_network,
     make_pan, network_mgmt, reversal, with_cards,
 )
 
@@ -52,7 +52,8 @@ def net(workdir):
 def story():
     """What the tests of this module learn and pass on."""
     return SimpleNamespace(stans=Stans(), day1=None, d1=None, first=None, balance_a=None,
-                           in_flight=[], slow_answers=[], day2=None, d2=None)
+                           slow_answers=[], b_slow_spent=0, day2=None, d2=None,
+                           to_repeat=None, to_reverse=None, to_void=None, inquiry=None)
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +96,46 @@ def test_day1_traffic(day1, story):
     d.ask(d.fin(CLOSED_TID, PURCHASE, C_DEBIT, 900, batch=CLOSED_BATCH), "00")
     close = d.conn.request(batch_close(d.T[CLOSED_TID], d.stan(), CLOSED_BATCH, (0, 0), (1, 900)))
     assert close["39"] == "00", close
+    # Originals that day 2 repeats, reverses and voids.
+    rep = d.fin("POS00011", PURCHASE, A_DEBIT, 1_200, batch=5)
+    story.to_repeat = (rep, d.ask(rep, "00"))
+    story.to_reverse = d.fin("POS00011", PURCHASE, A_DEBIT, 2_300, batch=5)
+    d.ask(story.to_reverse, "00")
+    story.to_void = d.fin("POS00011", PURCHASE, A_DEBIT, 3_400, batch=5)
+    d.ask(story.to_void, "00")
+    inquiry = d.fin("POS00011", "30", B_DEBIT, None, batch=5)
+    story.inquiry = (inquiry, d.ask(inquiry, "00"))
     story.balance_a = d.balance(A_DEBIT)
-    assert d.balance(B_SLOW) == (B_SLOW_BALANCE, B_SLOW_BALANCE)
+
+
+def test_reversal_sent_before_the_original_is_answered_still_reverses_it(day1, story):
+    """wire.md 6a: the terminal gave up waiting; once the issuer answers, the reversal applies."""
+    d = story.d1
+    left = B_SLOW_BALANCE - story.b_slow_spent      # each inquiry of this card takes a second
+    sale = d.fin("POS00013", PURCHASE, B_SLOW, 2_500)
+    with day1.conn() as c:
+        c.send(sale)
+        assert c.request(network_mgmt(d.T["POS00013"], d.stan(), "301"))["39"] == "00"   # sale is in flight
+        rev = reversal(d.T["POS00013"], d.stan(), sale)
+        d.ask(rev, "00")
+        assert c.wait_for("POS00013", sale["11"])["39"] == "00"
+    assert d.wait_balance(B_SLOW, (left, left)) == (left, left)
+
+
+def test_repeat_while_the_original_is_in_flight_gets_its_answer(day1, story):
+    d = story.d1
+    left = B_SLOW_BALANCE - story.b_slow_spent
+    sale = d.fin("POS00013", PURCHASE, B_SLOW, 1_000)
+    with day1.conn() as c:
+        c.send(sale)
+        assert c.request(network_mgmt(d.T["POS00013"], d.stan(), "301"))["39"] == "00"   # sale is in flight
+        c.send(dict(sale, t="0201"))
+        first, second = c.wait_for("POS00013", sale["11"]), c.wait_for("POS00013", sale["11"])
+    assert {first["t"], second["t"]} == {"0210"}
+    assert (first["37"], first["38"], first["39"]) == (second["37"], second["38"], second["39"]) and \
+        first["39"] == "00"
+    assert d.balance(B_SLOW) == (left - 1_000, left - 1_000)
+    story.b_slow_spent += 1_000
 
 
 def test_sigterm_answers_requests_in_flight_then_exits_0(day1, story):
@@ -114,6 +153,7 @@ def test_sigterm_answers_requests_in_flight_then_exits_0(day1, story):
         assert resp["39"] == "00", resp
         assert resp["11"] == req["11"] and len(resp["38"]) == 6
         d.log.append((req, resp))
+        story.b_slow_spent += int(req["4"])
     story.slow_answers = answers
     assert day1.wait() == 0, f"`cardswitch up` exited {day1.returncode} on SIGTERM"
     assert "ready" in day1.stdout_lines
@@ -218,9 +258,43 @@ def test_restart_a_closed_batch_stays_closed(day2, story):
 def test_restart_bank_balances_persist(day2, story):
     d = story.d2
     assert d.balance(A_DEBIT) == story.balance_a
-    drained = B_SLOW_BALANCE - 1_000 * len(story.slow_answers)
-    assert len(story.slow_answers) == 3
-    assert d.balance(B_SLOW) == (drained, drained)
+    assert len(story.slow_answers) == 3 and story.b_slow_spent == 4_000
+    left = B_SLOW_BALANCE - story.b_slow_spent
+    assert d.balance(B_SLOW) == (left, left)
+
+
+def test_restart_a_repeat_of_a_day1_request_gets_the_same_answer(day2, story):
+    d = story.d2
+    before = d.balance(A_DEBIT)
+    req, first = story.to_repeat
+    again = d.ask(dict(req, t="0201"), "00")
+    assert again == first
+    assert d.balance(A_DEBIT) == before
+
+
+def test_restart_a_repeat_of_a_day1_balance_inquiry_gets_the_same_answer(day2, story):
+    req, first = story.inquiry
+    again = story.d2.ask(dict(req, t="0201"), "00")
+    assert again == first
+
+
+def test_restart_day1_originals_can_still_be_reversed_and_voided(day2, story):
+    d = story.d2
+    before = d.balance(A_DEBIT)
+    d.ask(reversal(d.T["POS00011"], d.stan(), story.to_reverse), "00")
+    back = (before[0] + 2_300, before[1] + 2_300)
+    assert d.wait_balance(A_DEBIT, back) == back
+    d.ask(d.fin("POS00011", VOID, A_DEBIT, 3_400, original=story.to_void, batch=5), "00")
+    back = (back[0] + 3_400, back[1] + 3_400)
+    assert d.balance(A_DEBIT) == back
+
+
+def test_restart_never_reuses_an_rrn(day2, story):
+    def rrns(log):
+        return {resp["37"] for req, resp in log if resp.get("39") != "30" and req["t"][3] != "1"}
+    day1, day2_ = rrns(story.d1.log), rrns(story.d2.log)
+    assert len(day1) > 15 and len(day2_) > 5
+    assert not day1 & day2_, f"RRNs of day 1 given again after the restart: {sorted(day1 & day2_)}"
 
 
 def test_restart_stops_cleanly_and_still_keeps_no_secrets(day2, story):

@@ -16,7 +16,7 @@ from cardswitch.config import BinRange, Card, Endpoint, Terminal
 from cardswitch.netfile import free_ports
 
 from e2e_support import (
-    PURCHASE, REFUND, TRANSFER, VOID, WITHDRAWAL, Driver, break_luhn, default_test_network,
+    DEPOSIT, PURCHASE, REFUND, TRANSFER, VOID, WITHDRAWAL, Driver, break_luhn, default_test_network,
     financial, make_pan, reversal, with_cards, with_terminal,
 )
 
@@ -34,6 +34,7 @@ C_DEBIT = "6217000000000014"
 
 A_PINLOCK = make_pan("622126", 9001)
 A_UNKNOWN = make_pan("622126", 9002)      # inside BANKA's BIN, not one of its cards
+C_UNKNOWN = make_pan("621700", 9004)      # inside BANKC's BIN, not one of its cards
 C_SLOW = make_pan("621700", 9003)          # the issuer answers after 1.5 s; the switch waits 0.5 s
 D_DOWN = make_pan("625999", 1)             # BANKD: its host is a port nobody listens on
 NO_ROUTE = make_pan("999999", 1)
@@ -156,6 +157,16 @@ def test_54_expired_card(d):
     d.ask(d.fin("POS00002", PURCHASE, A_EXPIRED, 1_000), "54")
 
 
+def test_54_expiry_in_field_14_differs_from_the_card(d):
+    d.ask(d.fin("POS00002", PURCHASE, A_DEBIT, 1_000, extra={"14": "2901"}), "54")
+
+
+def test_52_interbank_transfer_target_unknown_at_its_bank_reverses_the_debit(d):
+    before = d.balance(A_DEBIT)
+    d.ask(d.fin("POS00002", TRANSFER, A_DEBIT, 3_000, to_pan=C_UNKNOWN), "52")
+    assert d.wait_balance(A_DEBIT, before) == before
+
+
 def test_55_incorrect_pin(d):
     d.ask(d.fin("POS00002", PURCHASE, C_DEBIT, 1_000, pin="9999"), "55")
     d.ask(d.fin("POS00002", PURCHASE, C_DEBIT, 1_000, pin="1234"), "00")   # a right one resets
@@ -169,10 +180,29 @@ def test_58_purchase_at_an_atm(d):
     d.ask(d.fin("ATM00002", PURCHASE, A_DEBIT, 1_000, pin="1234"), "58")
 
 
+def test_58_preauthorization_at_an_atm(d):
+    d.ask(d.fin("ATM00002", PURCHASE, A_DEBIT, 1_000, mti="0100"), "58")
+
+
+def test_58_other_kinds_a_terminal_may_not_send(d):
+    d.ask(d.fin("POS00002", DEPOSIT, A_DEBIT, 1_000), "58")
+    d.ask(d.fin("ATM00002", REFUND, A_DEBIT, 1_000), "58")
+    sale = d.fin("POS00002", PURCHASE, A_DEBIT, 1_000)
+    d.ask(sale, "00")
+    d.ask(d.fin("ATM00002", VOID, A_DEBIT, 1_000, original=sale), "58")
+
+
 def test_61_withdrawal_above_the_daily_limit(d):
     d.ask(d.fin("ATM00002", WITHDRAWAL, A_SMALL_LIMIT, 60_000, pin="1234"), "61")
-    d.ask(d.fin("ATM00002", WITHDRAWAL, A_SMALL_LIMIT, 30_000, pin="1234"), "00")
+    cash = d.fin("ATM00002", WITHDRAWAL, A_SMALL_LIMIT, 30_000, pin="1234")
+    d.ask(cash, "00")
     d.ask(d.fin("ATM00002", WITHDRAWAL, A_SMALL_LIMIT, 30_000, pin="1234"), "61")   # 600.00 today
+    # A reversed withdrawal gives back its share of the day's limit.
+    before = d.balance(A_SMALL_LIMIT)
+    d.ask(reversal(d.T["ATM00002"], d.stan(), cash), "00")
+    restored = (before[0] + 30_000, before[1] + 30_000)
+    assert d.wait_balance(A_SMALL_LIMIT, restored) == restored
+    d.ask(d.fin("ATM00002", WITHDRAWAL, A_SMALL_LIMIT, 45_000, pin="1234"), "00")
 
 
 def test_75_three_wrong_pins_lock_the_card(d):

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import socket
 import threading
+from dataclasses import replace
 
 import pytest
 
 from e2e_support import (
-    PURCHASE, Driver, default_test_network, encode, frame, network_mgmt,
+    PURCHASE, Driver, assert_response_shape, default_test_network, encode, frame, network_mgmt,
 )
 
 pytestmark = pytest.mark.e2e
@@ -28,9 +29,15 @@ B_DEBIT = "6228480000000015"
 C_DEBIT = "6217000000000014"
 
 
+READ_TIMEOUT_MS = 1_000
+
+
 @pytest.fixture(scope="module")
 def run(launch, workdir):
-    r = launch(default_test_network(workdir / "var"), workdir)
+    net = default_test_network(workdir / "var")
+    # A frame begun must be whole within 1 s (default 10 s), so the stall test is quick.
+    net = replace(net, switch=replace(net.switch, link=replace(net.switch.link, read_timeout_ms=READ_TIMEOUT_MS)))
+    r = launch(net, workdir)
     yield r
     assert r.stop() == 0, "`cardswitch up` did not exit 0 on SIGTERM"
 
@@ -104,8 +111,7 @@ def test_non_digits_in_the_amount_get_30(run, d, healthy):
     with run.conn() as c:
         req = dict(good(d), **{"4": "00000000010A"})
         resp = c.request(req)
-        assert resp["t"] == "0210" and resp["39"] == "30", resp
-        assert resp["11"] == req["11"] and resp["41"] == req["41"]
+        assert_response_shape(req, resp, "30")          # every field it could read is echoed
         d.ask(good(d), "00", conn=c)
 
 
@@ -113,8 +119,7 @@ def test_impossible_transmission_date_gets_30(run, d, healthy):
     with run.conn() as c:
         req = dict(good(d), **{"7": "1332250000"})
         resp = c.request(req)
-        assert resp["t"] == "0210" and resp["39"] == "30", resp
-        assert resp["11"] == req["11"] and resp["7"] == "1332250000"
+        assert_response_shape(req, resp, "30")
         d.ask(good(d), "00", conn=c)
 
 
@@ -123,14 +128,14 @@ def test_missing_mandatory_field_gets_30(run, d, healthy):
         for missing in ("49", "60", "4"):
             req = d.fin("POS00002", PURCHASE, A_DEBIT, 100, drop=(missing,))
             resp = c.request(req)
-            assert resp["t"] == "0210" and resp["39"] == "30", (missing, resp)
-            assert resp["11"] == req["11"]
+            assert_response_shape(req, resp, "30")
         d.ask(good(d), "00", conn=c)
 
 
 def test_nothing_of_a_format_error_reaches_the_issuer(run, d):
     before = d.balance(A_DEBIT)
-    d.conn.request(dict(good(d), **{"7": "0230120000"}))           # February 30th
+    resp = d.conn.request(dict(good(d), **{"7": "0230120000"}))    # February 30th
+    assert resp["39"] == "30", resp
     assert d.balance(A_DEBIT) == before
 
 
@@ -149,6 +154,17 @@ def test_two_terminals_with_the_same_stan_at_the_same_time(run, d):
     assert ra["39"] == "00" and rb["39"] == "00", (ra, rb)
     assert (ra["4"], rb["4"]) == ("000000000150", "000000000250")
     assert ra["37"] != rb["37"]
+
+
+def test_the_same_request_on_two_connections_at_once_is_served_once(run, d):
+    before = d.balance(A_DEBIT)
+    req = d.fin("POS00002", PURCHASE, A_DEBIT, 1_700)
+    with run.conn() as ca, run.conn() as cb:
+        ca.send(req)
+        cb.send(req)
+        codes = sorted([ca.wait_for("POS00002", req["11"])["39"], cb.wait_for("POS00002", req["11"])["39"]])
+    assert codes == ["00", "94"]
+    assert d.balance(A_DEBIT) == (before[0] - 1_700, before[1] - 1_700)
 
 
 def test_100_requests_pipelined_on_one_connection(run, d):
@@ -214,6 +230,15 @@ def test_client_that_disconnects_mid_frame(run, d, healthy):
     s = socket.create_connection(("127.0.0.1", run.port))
     s.sendall(len(raw).to_bytes(2, "big") + raw[: len(raw) // 2])
     s.close()
+    with run.conn() as fresh:
+        d.ask(good(d), "00", conn=fresh)
+
+
+def test_frame_not_completed_within_the_read_timeout_closes_that_connection(run, d, healthy):
+    raw = encode(good(d))
+    with run.conn() as c:
+        c.send_bytes(len(raw).to_bytes(2, "big") + raw[:30])
+        assert c.closed_by_switch(), "a half-sent frame kept its connection open past the read timeout"
     with run.conn() as fresh:
         d.ask(good(d), "00", conn=fresh)
 

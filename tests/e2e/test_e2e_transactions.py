@@ -147,6 +147,29 @@ def test_network_management_sign_on_sign_off_echo(d):
         assert resp["11"] == req["11"] and resp["70"] == code and resp["41"] == "POS00012"
 
 
+def test_track2_instead_of_field_2(d):
+    before = d.balance(A_DEBIT)
+    req = d.fin("POS00002", PURCHASE, None, 1_300, extra={"35": f"{A_DEBIT}=30121010000000000"})
+    d.ask(req, "00")
+    assert d.balance(A_DEBIT) == (before[0] - 1_300, before[1] - 1_300)
+    wrong_expiry = d.fin("POS00002", PURCHASE, None, 1_300, extra={"35": f"{A_DEBIT}=29011010000000000"})
+    d.ask(wrong_expiry, "54")
+
+
+def test_pin_block_hex_in_either_case(d):
+    """wire.md 1: hex is accepted in either case on input."""
+    req = d.fin("ATM00002", WITHDRAWAL, A_DEBIT, 1_000, pin="1234")
+    req["52"] = req["52"].lower()
+    assert req["52"] != req["52"].upper()
+    d.ask(req, "00")
+
+
+def test_rrn_of_the_request_is_kept(d):
+    req = d.fin("POS00002", PURCHASE, A_DEBIT, 1_000, extra={"37": "ACQ123456789"})
+    resp = d.ask(req, "00")
+    assert resp["37"] == "ACQ123456789"
+
+
 # -- reversals (wire.md 6a) -------------------------------------------------------
 
 
@@ -177,6 +200,39 @@ def test_reversal_is_found_by_field_90_and_41_not_by_another_terminal(d):
     d.ask(reversal(d.T["POS00013"], d.stan(), sale), "25")
 
 
+def test_reversal_of_an_interbank_transfer_undoes_both_legs(d):
+    a0, c0 = d.balance(A_DEBIT), d.balance(C_DEBIT)
+    xfer = d.fin("POS00002", TRANSFER, A_DEBIT, 50_000, to_pan=C_DEBIT)
+    d.ask(xfer, "00")
+    assert d.balance(C_DEBIT) == (c0[0] + 50_000, c0[1] + 50_000)
+    d.ask(reversal(d.T["POS00002"], d.stan(), xfer), "00")
+    assert d.wait_balance(A_DEBIT, a0) == a0
+    assert d.wait_balance(C_DEBIT, c0) == c0
+
+
+def test_reversal_of_a_void_takes_the_money_again(d):
+    before = d.balance(A_DEBIT)
+    sale = d.fin("POS00002", PURCHASE, A_DEBIT, 1_400, batch=4)
+    d.ask(sale, "00")
+    void = d.fin("POS00002", VOID, A_DEBIT, 1_400, original=sale, batch=4)
+    d.ask(void, "00")
+    assert d.balance(A_DEBIT) == before
+    d.ask(reversal(d.T["POS00002"], d.stan(), void), "00")
+    charged = (before[0] - 1_400, before[1] - 1_400)
+    assert d.wait_balance(A_DEBIT, charged) == charged
+
+
+def test_reversal_of_a_void_puts_the_purchase_back_in_the_batch_totals(d):
+    tid, batch = "POS00002", 12
+    sale = d.fin(tid, PURCHASE, A_DEBIT, 1_600, batch=batch)
+    d.ask(sale, "00")
+    void = d.fin(tid, VOID, A_DEBIT, 1_600, original=sale, batch=batch)
+    d.ask(void, "00")
+    d.ask(reversal(d.T[tid], d.stan(), void), "00")
+    resp = d.conn.request(batch_close(d.T[tid], d.stan(), batch, credits=(0, 0), debits=(1, 1_600)))
+    assert resp["39"] == "00", resp
+
+
 # -- repeats (wire.md 6a) ------------------------------------------------------------
 
 
@@ -186,9 +242,7 @@ def test_repeat_0201_of_an_answered_request_gets_the_same_answer(d):
     first = d.ask(req, "00")
     rep = dict(req, t="0201")
     second = d.ask(rep, "00")
-    assert second["t"] == "0210"
-    for k in ("37", "38", "39"):
-        assert second[k] == first[k], k
+    assert second == first                       # the very same response, 37/38/39 and all
     assert d.balance(A_DEBIT) == (before[0] - 3_300, before[1] - 3_300)
 
 
@@ -199,7 +253,7 @@ def test_repeat_0201_whose_original_never_came_is_processed_once(d):
     assert first["t"] == "0210"
     assert d.balance(A_DEBIT) == (before[0] - 2_200, before[1] - 2_200)
     second = d.ask(dict(rep), "00")
-    assert (second["37"], second["38"]) == (first["37"], first["38"])
+    assert second == first
     assert d.balance(A_DEBIT) == (before[0] - 2_200, before[1] - 2_200)
 
 
@@ -211,8 +265,7 @@ def test_repeat_0401_of_a_reversal_gets_the_same_answer_and_changes_nothing(d):
     first = d.ask(rev, "00")
     assert d.wait_balance(B_DEBIT, before) == before
     second = d.ask(dict(rev, t="0401"), "00")
-    assert second["t"] == "0410"
-    assert (second["37"], second["39"]) == (first["37"], first["39"])
+    assert second == first                       # 0410, same 37 and 39
     assert d.balance(B_DEBIT) == before
 
 
@@ -242,6 +295,25 @@ def test_batch_close_with_equal_totals_then_the_batch_is_closed(d):
     d.ask(late, "12")
     # The next batch is open.
     d.ask(d.fin(tid, PURCHASE, C_DEBIT, 1_000, batch=batch + 1), "00")
+
+
+def test_batch_totals_count_each_kind_as_wire_md_6_says(d):
+    pos, pb = "POS00013", 8
+    pre = d.fin(pos, PURCHASE, C_DEBIT, 5_000, mti="0100", batch=pb)
+    d.ask(pre, "00")                                                             # not counted
+    d.ask(d.fin(pos, PURCHASE, C_DEBIT, 4_000, condition="06", original=pre, batch=pb), "00")   # debit
+    d.ask(d.fin(pos, BILL, C_DEBIT, 1_000, bill="WATER-77", batch=pb), "00")           # debit
+    d.ask(d.fin(pos, TRANSFER, C_DEBIT, 2_000, to_pan=B_DEBIT, batch=pb), "00")        # debit
+    d.ask(d.fin(pos, REFUND, C_DEBIT, 300, batch=pb), "00")                            # credit
+    resp = d.conn.request(batch_close(d.T[pos], d.stan(), pb, credits=(1, 300), debits=(3, 7_000)))
+    assert resp["39"] == "00", resp
+
+    atm, ab = "ATM00011", 9
+    d.ask(d.fin(atm, WITHDRAWAL, B_DEBIT, 10_000, pin="1234", batch=ab), "00")       # debit
+    d.ask(d.fin(atm, DEPOSIT, B_DEBIT, 5_000, pin="1234", batch=ab), "00")            # credit
+    d.ask(d.fin(atm, BALANCE, B_DEBIT, None, pin="1234", batch=ab), "00")             # nothing
+    resp = d.conn.request(batch_close(d.T[atm], d.stan(), ab, credits=(1, 5_000), debits=(1, 10_000)))
+    assert resp["39"] == "00", resp
 
 
 def test_batch_close_with_different_totals_95_then_upload_and_trailer(d):

@@ -12,6 +12,7 @@ from functools import lru_cache
 
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
+from cryptography.hazmat.primitives.cmac import CMAC
 
 BLOCK = 8
 _ZERO_BLOCK = bytes(BLOCK)
@@ -59,6 +60,16 @@ def tdes_ecb_decrypt(key: bytes, data: bytes) -> bytes:
     return _ecb(bytes(key)).decryptor().update(data)
 
 
+def tdes_ecb_encrypt_once(key: bytes, data: bytes) -> bytes:
+    """As ``tdes_ecb_encrypt`` without the cipher cache.
+
+    For keys used once (DUKPT intermediate and transaction keys): caching
+    them would only push the long-lived keys out of the cache.
+    """
+    _check_blocks(data)
+    return Cipher(TripleDES(expand_key(bytes(key))), modes.ECB()).encryptor().update(data)
+
+
 def tdes_cbc_encrypt(key: bytes, data: bytes, iv: bytes = _ZERO_BLOCK) -> bytes:
     """(Triple-)DES CBC encryption, no padding (zero IV unless given)."""
     _check_blocks(data)
@@ -67,6 +78,35 @@ def tdes_cbc_encrypt(key: bytes, data: bytes, iv: bytes = _ZERO_BLOCK) -> bytes:
     if len(iv) != BLOCK:
         raise ValueError("IV must be 8 bytes")
     return Cipher(TripleDES(expand_key(bytes(key))), modes.CBC(iv)).encryptor().update(data)
+
+
+def tdes_cbc_decrypt(key: bytes, data: bytes, iv: bytes = _ZERO_BLOCK) -> bytes:
+    """(Triple-)DES CBC decryption, no padding (zero IV unless given)."""
+    _check_blocks(data)
+    if iv == _ZERO_BLOCK:
+        return _cbc_zero_iv(bytes(key)).decryptor().update(data)
+    if len(iv) != BLOCK:
+        raise ValueError("IV must be 8 bytes")
+    return Cipher(TripleDES(expand_key(bytes(key))), modes.CBC(iv)).decryptor().update(data)
+
+
+def xor(a: bytes, b: bytes) -> bytes:
+    """Byte-wise XOR of two equal-length byte strings."""
+    if len(a) != len(b):
+        raise ValueError(f"cannot XOR {len(a)} bytes with {len(b)} bytes")
+    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
+
+
+@lru_cache(maxsize=256)
+def _cmac(key: bytes) -> CMAC:
+    return CMAC(TripleDES(expand_key(key)))
+
+
+def tdes_cmac(key: bytes, data: bytes) -> bytes:
+    """CMAC (NIST SP 800-38B, 8-byte blocks) under a DES key, 8 bytes."""
+    ctx = _cmac(bytes(key)).copy()
+    ctx.update(bytes(data))
+    return ctx.finalize()
 
 
 def kcv(key: bytes) -> str:

@@ -46,6 +46,7 @@ def batch_totals(records: list[TxnRecord]) -> BatchTotals:
 class TxnIndex:
     def __init__(self, max_responses: int = 200_000) -> None:
         self._by_key: dict[RequestKey, TxnRecord] = {}
+        self._by_id: dict[int, TxnRecord] = {}
         self._batches: dict[tuple[str, str], list[TxnRecord]] = {}
         self._closed: set[tuple[str, str]] = set()
         self._responses: OrderedDict[int, dict[str, str]] = OrderedDict()
@@ -57,9 +58,18 @@ class TxnIndex:
     # -- requests ------------------------------------------------------------
 
     def add(self, rec: TxnRecord) -> None:
-        self._by_key[request_key(rec.terminal_id, rec.stan, rec.transmitted, rec.mti)] = rec
+        """Index a request. The first one of a key wins: a later row with the same
+        key (a duplicate journaled when rebuilding) never hides its original."""
+        key = request_key(rec.terminal_id, rec.stan, rec.transmitted, rec.mti)
+        if key in self._by_key:
+            return
+        self._by_key[key] = rec
+        self._by_id[rec.id] = rec
         if rec.kind not in (Kind.NETWORK, Kind.BATCH_CLOSE, Kind.BATCH_UPLOAD) and rec.batch:
             self._batches.setdefault((rec.terminal_id, rec.batch), []).append(rec)
+
+    def get(self, rec_id: int) -> TxnRecord | None:
+        return self._by_id.get(rec_id)
 
     def find(self, terminal_id: str, stan: str, transmitted: str, mti: str) -> TxnRecord | None:
         return self._by_key.get(request_key(terminal_id, stan, transmitted, mti))

@@ -85,19 +85,19 @@ class Pipeline:
     async def financial(self, req: Message) -> Message:
         ctx = self.ctx
         t = Txn(req=req, mti=req[F.MTI], received=utc_now(), t0=time.perf_counter())
-        rc = (steps.classify(t)
-              or steps.validate(t, ctx)
-              or steps.identify_terminal(t, ctx)
+        rc = steps.classify(t) or steps.validate(t, ctx) or steps.detect_duplicate(t, ctx)
+        rec = steps.start_record(t, ctx, self.journal.next_id())
+        if t.replay_of is not None:
+            return await self.replay(t)
+        if rc is not None:                      # unreadable or a duplicate: not indexed
+            return self.finish_local(t, rc)
+        ctx.index.add(rec)                      # from here on, a resend is a duplicate
+        rc = (steps.identify_terminal(t, ctx)
               or steps.check_allowed(t, ctx)
-              or steps.detect_duplicate(t, ctx)
               or (None if t.kind == Kind.REVERSAL else
                   steps.read_card(t, ctx) or steps.check_amount(t, ctx) or steps.check_batch(t, ctx)))
-        rec = steps.start_record(t, ctx, self.journal.next_id())
-        if rc is None and t.replay_of is not None:
-            return await self.replay(t)
         if rc is not None:
-            return self.finish_local(t, rc, index=False)
-        ctx.index.add(rec)                      # from here on, a resend is a duplicate
+            return self.finish_local(t, rc)
         self._done[rec.id] = self._loop.create_future()
         try:
             rc = steps.find_original(t, ctx)
@@ -131,7 +131,7 @@ class Pipeline:
             o = t.original
             original = _field90(o, self.switch_inst, t.info.acquirer.institution_id)
         now = utc_now()
-        rec.rrn = self.next_rrn()
+        rec.rrn = t.req.get(F.RRN) or self.next_rrn()
         rec.issuer_transmitted = field7(now)
         out = messages.issuer_request(
             t.req, mti=t.mti[:3] + "0", pan=t.pan, expiry=t.expiry,
@@ -142,6 +142,12 @@ class Pipeline:
         await self.journal.insert(rec, self._loop)      # write ahead: durable before the issuer sees it
         resp = await self._send(link, out, rec)
         if resp is None:
+            if rec.status == Status.TIMEOUT and t.kind != Kind.BALANCE:
+                # The issuer may have approved what the terminal will never see:
+                # undo it there (wire.md 8), once.
+                rec.cancelled = Cancel.REVERSED
+                self.journal.mark_cancelled(rec.id, Cancel.REVERSED, None)
+                self._background(self._deliver_reversal(rec))
             return rec.response_code
         rc = resp.get(F.RESPONSE_CODE, RC.SYSTEM_MALFUNCTION)
         rec.auth_code = resp.get(F.AUTH_CODE, "") if rc == RC.APPROVED else ""
@@ -186,6 +192,7 @@ class Pipeline:
             return rc
         credit_unknown = rec.status == Status.TIMEOUT   # the credit may have happened
         rec.status = Status.PENDING
+        t.extra.pop(F.ADDITIONAL_AMOUNTS, None)          # the debit leg's balances no longer hold
         self._background(self._reverse_at_issuer(rec, credit_leg=credit_unknown))
         return rc
 
@@ -198,12 +205,18 @@ class Pipeline:
         done = self._done.get(orig.id)
         if done is not None and not done.done():
             await asyncio.shield(done)       # the terminal gave up before the issuer answered
-        if orig.cancelled == Cancel.REVERSED:
-            return RC.APPROVED               # already reversed: same answer, nothing changes
+        if orig.cancelled != Cancel.NONE:
+            return RC.APPROVED               # already reversed, voided or completed: nothing changes
         if orig.status not in (Status.APPROVED, Status.TIMEOUT) or not orig.issuer_stan:
             return RC.APPROVED               # nothing reached the issuer that needs undoing
         orig.cancelled, orig.cancelled_by = Cancel.REVERSED, rec.id
         self.journal.mark_cancelled(orig.id, Cancel.REVERSED, rec.id)
+        if orig.kind == Kind.VOID and orig.orig_id is not None:
+            # The void is undone at the issuer, so its purchase stands again.
+            purchase = self.ctx.index.get(orig.orig_id)
+            if purchase is not None and purchase.cancelled == Cancel.VOIDED:
+                purchase.cancelled, purchase.cancelled_by = Cancel.NONE, None
+                self.journal.mark_cancelled(purchase.id, Cancel.NONE, None)
         # The terminal's answer does not wait for the issuer: the advice is
         # delivered behind it (store-and-forward).
         self._background(self._deliver_reversal(orig))
@@ -264,9 +277,13 @@ class Pipeline:
         stored = self.ctx.index.response_for(seen.id)
         if stored is not None:
             return dict(stored)
+        extra: Message = {}
+        if seen.auth_code:
+            extra[F.AUTH_CODE] = seen.auth_code
+        if seen.balances:
+            extra[F.ADDITIONAL_AMOUNTS] = seen.balances
         return messages.terminal_response(t.req, seen.response_code or RC.SYSTEM_MALFUNCTION,
-                                          business_date=seen.business_date, rrn=seen.rrn,
-                                          extra={F.AUTH_CODE: seen.auth_code} if seen.auth_code else None)
+                                          business_date=seen.business_date, rrn=seen.rrn, extra=extra)
 
     async def respond(self, t: Txn, rc: str) -> Message:
         """Finish the record, make it durable if approved, mark what it cancels, answer."""
@@ -275,15 +292,18 @@ class Pipeline:
         rec.response_code = rc
         if rec.status != Status.TIMEOUT:
             rec.status = Status.APPROVED if rc == RC.APPROVED else Status.DECLINED
+        if rc != RC.APPROVED:
+            rec.auth_code = ""
         rec.completed_at = iso_utc(utc_now())
         rec.latency_us = int((time.perf_counter() - t.t0) * 1e6)
         if not rec.rrn:
-            rec.rrn = self.next_rrn()
+            rec.rrn = t.req.get(F.RRN) or self.next_rrn()
         if rc == RC.APPROVED and t.original is not None and t.kind in (Kind.VOID, Kind.COMPLETION):
             o = t.original
             o.cancelled = Cancel.VOIDED if t.kind == Kind.VOID else Cancel.COMPLETED
             o.cancelled_by = rec.id
             self.journal.mark_cancelled(o.id, o.cancelled, rec.id)
+        rec.balances = t.extra.get(F.ADDITIONAL_AMOUNTS, "") if rc == RC.APPROVED else ""
         resp = messages.terminal_response(t.req, rc, business_date=rec.business_date, rrn=rec.rrn,
                                           extra=t.extra)
         self.ctx.index.remember_response(rec.id, resp)
@@ -297,7 +317,7 @@ class Pipeline:
         self._count(t, rc)
         return resp
 
-    def finish_local(self, t: Txn, rc: str, index: bool) -> Message:
+    def finish_local(self, t: Txn, rc: str) -> Message:
         """A request that never leaves the switch: journal it declined, answer."""
         rec = t.record
         assert rec is not None
@@ -305,7 +325,7 @@ class Pipeline:
         rec.status = Status.DECLINED
         rec.completed_at = iso_utc(utc_now())
         rec.latency_us = int((time.perf_counter() - t.t0) * 1e6)
-        rec.rrn = self.next_rrn()
+        rec.rrn = t.req.get(F.RRN) or self.next_rrn()
         self.journal.insert(rec)
         self._count(t, rc)
         if rc == RC.FORMAT_ERROR:
@@ -366,6 +386,9 @@ class Pipeline:
     def network(self, req: Message) -> Message:
         if format_errors(req) or missing_fields(req, steps.NETWORK_REQUIRED):
             return messages.network_response(req, RC.FORMAT_ERROR)
+        tid = req.get(F.TERMINAL_ID)
+        if tid is not None and self.ctx.registry.terminal(tid) is None:
+            return messages.network_response(req, RC.INVALID_MERCHANT)
         code = req[F.NETWORK_MGMT_CODE]
         if code in (NetMgmt.SIGN_ON, NetMgmt.SIGN_OFF, NetMgmt.ECHO):
             return messages.network_response(req, RC.APPROVED)

@@ -85,6 +85,7 @@ class TxnRecord:
     cancelled: str = Cancel.NONE
     cancelled_by: int | None = None
     stand_in: bool = False
+    balances: str = ""            # field 54 as answered (no secret: lets a repeat get the same answer)
 
     @property
     def approved(self) -> bool:

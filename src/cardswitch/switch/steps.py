@@ -34,7 +34,7 @@ FINANCIAL_REQUIRED = (F.PROC, F.AMOUNT, F.TRANSMISSION_DT, F.STAN, F.LOCAL_TIME,
                       F.ENTRY_MODE, F.CONDITION_CODE, F.TERMINAL_ID, F.MERCHANT_ID, F.CURRENCY,
                       F.BATCH_NUMBER)
 BALANCE_REQUIRED = tuple(f for f in FINANCIAL_REQUIRED if f != F.AMOUNT)
-REVERSAL_REQUIRED = (F.PROC, F.TRANSMISSION_DT, F.STAN, F.TERMINAL_ID, F.MERCHANT_ID, F.ORIGINAL_DATA)
+REVERSAL_REQUIRED = (F.TRANSMISSION_DT, F.STAN, F.TERMINAL_ID, F.MERCHANT_ID, F.ORIGINAL_DATA)
 BATCH_CLOSE_REQUIRED = (F.PROC, F.TRANSMISSION_DT, F.STAN, F.TERMINAL_ID, F.MERCHANT_ID,
                         F.BATCH_NUMBER, F.CREDITS_NUMBER, F.CREDITS_AMOUNT, F.DEBITS_NUMBER,
                         F.DEBITS_AMOUNT)
@@ -101,7 +101,13 @@ class Txn:
 def classify(t: Txn) -> str | None:
     """Name the transaction from MTI class, processing code, 25 and 90; 12 if none."""
     cls = t.mti[:3]
-    tt = t.req.get(F.PROC, "")[:2]
+    if cls == "040":
+        t.kind = Kind.REVERSAL               # named by its MTI; field 90 finds the original
+        return None
+    proc = t.req.get(F.PROC, "")
+    if len(proc) != 6 or not proc.isdigit():
+        return RC.FORMAT_ERROR               # no processing code to name it by
+    tt = proc[:2]
     kind = ""
     if cls == "010":
         kind = Kind.PREAUTH if tt == TxnType.PURCHASE else ""
@@ -110,8 +116,6 @@ def classify(t: Txn) -> str | None:
         if kind == Kind.PURCHASE and t.req.get(F.CONDITION_CODE) == CONDITION_COMPLETION \
                 and F.ORIGINAL_DATA in t.req:
             kind = Kind.COMPLETION
-    elif cls == "040":
-        kind = Kind.REVERSAL
     t.kind = kind
     return None if kind else RC.INVALID_TRANSACTION
 
@@ -154,13 +158,17 @@ def identify_terminal(t: Txn, ctx: Context) -> str | None:
     if info is None or rc != RC.APPROVED:
         return rc or RC.INVALID_MERCHANT
     t.info = info
+    if t.record is not None:
+        t.record.acquirer_id = info.acquirer.id
     return None
 
 
 def check_allowed(t: Txn, ctx: Context) -> str | None:
     """58: not for this kind of terminal; 12: not at this merchant's MCC."""
     assert t.info is not None
-    rc = check_transaction(t.info, t.kind, t.req.get(F.MCC))
+    # The registry's MCC, never the request's field 18: a terminal must not be
+    # able to make itself an ATM merchant.
+    rc = check_transaction(t.info, t.kind)
     return None if rc == RC.APPROVED else rc
 
 
@@ -211,12 +219,20 @@ def start_record(t: Txn, ctx: Context, record_id: int) -> TxnRecord:
         batch=req.get(F.BATCH_NUMBER, ""),
         acquirer_id=acquirer,
     )
-    if t.pan:
-        rec.pan_masked = mask_pan(t.pan)
-        rec.pan_token = pan_token(t.pan, ctx.token_secret)
-    if t.to_pan:
-        rec.to_pan_masked = mask_pan(t.to_pan)
-        rec.to_pan_token = pan_token(t.to_pan, ctx.token_secret)
+    # As much as the request tells, even when it is about to be declined.
+    pan = t.pan or req.get(F.PAN, "")
+    if not pan and F.TRACK2 in req:
+        parsed = pan_from_track2(req[F.TRACK2])
+        pan = parsed[0] if parsed else ""
+    if pan.isdigit():
+        rec.pan_masked = mask_pan(pan)
+        rec.pan_token = pan_token(pan, ctx.token_secret)
+    to_pan = t.to_pan or (req.get(F.ACCOUNT_2, "") if t.kind == Kind.TRANSFER else "")
+    if to_pan.isdigit():
+        rec.to_pan_masked = mask_pan(to_pan)
+        rec.to_pan_token = pan_token(to_pan, ctx.token_secret)
+    if not rec.amount and req.get(F.AMOUNT, "").isdigit():
+        rec.amount = int(req[F.AMOUNT])
     t.record = rec
     return rec
 
@@ -252,6 +268,8 @@ def find_original(t: Txn, ctx: Context) -> str | None:
     if orig is None:
         return RC.ORIGINAL_NOT_FOUND
     t.original = orig
+    if t.record is not None:
+        t.record.orig_id = orig.id
     if t.kind == Kind.REVERSAL:
         return None
     if t.record is not None and orig.pan_token != t.record.pan_token:
