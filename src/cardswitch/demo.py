@@ -176,7 +176,7 @@ class Day:
                 req = build_request(term, st.kind, pan=st.pan, amount=st.amount, pin_block=pin,
                                     to_pan=st.to_pan, original=orig)
             t0 = time.perf_counter()
-            resp = await client.send(req)
+            resp = await client.send(req, tak=term.tak)
             ms = (time.perf_counter() - t0) * 1000
             sent = Sent(req[F.MTI], req[F.STAN], req[F.TRANSMISSION_DT], req[F.PROC], st.amount, st.pan,
                         resp.get(F.RRN, ""), resp.get(F.AUTH_CODE, ""), resp.get(F.RESPONSE_CODE, ""))
@@ -194,12 +194,13 @@ class Day:
             credits, debits = self.terminal_totals(tid)
             if tid == out_of_balance:
                 debits = (debits[0] + 1, debits[1] + 1_000)   # a sale the terminal thinks it made
-            resp = await client.send(batch_close_request(term, credits, debits))
+            resp = await client.send(batch_close_request(term, credits, debits), tak=term.tak)
             rc = resp[F.RESPONSE_CODE]
             detail = ""
             if rc == RC.RECONCILE_ERROR:
                 await self.upload(tid)
-                trailer = await client.send(batch_close_request(term, credits, debits, PROC_BATCH_UPLOAD_TRAILER))
+                trailer = await client.send(batch_close_request(term, credits, debits, PROC_BATCH_UPLOAD_TRAILER),
+                                            tak=term.tak)
                 detail = f"uploaded, then closed with 960000: {trailer[F.RESPONSE_CODE]}"
             results.append((tid, rc, detail))
         return results
@@ -237,7 +238,7 @@ class Day:
                 req[F.AUTH_CODE] = o.sent.auth_code
             req[F.STAN] = term.next_stan()
             req.pop(F.PIN_BLOCK, None)
-            await client.send(req)
+            await client.send(req, tak=term.tak)
 
     def close(self) -> None:
         for c in self.clients.values():

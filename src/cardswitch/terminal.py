@@ -20,6 +20,8 @@ from cardswitch.iso8583.constants import (
     NetMgmt,
     TxnType,
 )
+from cardswitch.crypto.mac import mac_alg3
+from cardswitch.iso8583 import macfield
 from cardswitch.iso8583.dialect import Message, get_dialect
 from cardswitch.iso8583.fields import format_field90
 from cardswitch.iso8583.framing import FrameReader, Framing
@@ -67,6 +69,12 @@ class TerminalState:
 
     def next_stan(self) -> str:
         return f"{(next(self._stan) - 1) % 999999 + 1:06d}"
+
+    @property
+    def tak(self) -> bytes | None:
+        """The terminal's clear MAC key (test networks), or None: no MACs."""
+        k = self.terminal.tak
+        return k.clear_bytes() if k is not None and k.is_clear else None
 
 
 def build_request(term: TerminalState, kind: str, *, pan: str = "", amount: int = 0,
@@ -180,11 +188,17 @@ class TerminalClient(asyncio.Protocol):
         if self.closed is not None and not self.closed.done():
             self.closed.set_result(None)
 
-    async def send(self, msg: Message, timeout: float = 30.0) -> Message:
+    async def send(self, msg: Message, timeout: float = 30.0, tak: bytes | None = None) -> Message:
+        """Send and wait for the answer; with the terminal's clear ``tak`` (a
+        simulated terminal holds its own keys), MAC the request (wire.md 7)."""
         assert self.transport is not None
         key = (msg.get(F.TERMINAL_ID, ""), msg[F.STAN])
         fut = asyncio.get_running_loop().create_future()
         self.pending[key] = fut
+        if tak is not None:
+            msg = dict(msg)
+            field, covered = macfield.prepare(self.dialect, msg)
+            msg[field] = mac_alg3(tak, covered).hex().upper()
         self.transport.write(self.framing.encode(self.dialect.encode(msg), self.header))
         try:
             return await asyncio.wait_for(fut, timeout)

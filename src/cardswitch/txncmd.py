@@ -93,7 +93,7 @@ async def run_txn(net: Network, args) -> int:
         print(f"cardswitch: cannot reach the switch at {net.switch.listen}: {e.strerror or e}", file=sys.stderr)
         return 1
     try:
-        resp = await client.send(msg, args.timeout)
+        resp = await client.send(msg, args.timeout, tak=term.tak)
     except asyncio.TimeoutError:
         print(f"cardswitch: no answer from the switch within {args.timeout:.0f}s", file=sys.stderr)
         return 1

@@ -112,17 +112,26 @@ def pin_block(pin: str, pan: str, tpk: bytes) -> str:
         return psec.des.encrypt_tdes_ecb(tpk, clear).hex().upper()
 
 
+def mac_field(doc: dict) -> str:
+    """64, or 128 when the message has a secondary bitmap (wire.md 7)."""
+    return "128" if any(k.isdigit() and 64 < int(k) < 128 for k in doc) else "64"
+
+
 def add_mac(doc: dict, tak: bytes) -> dict:
-    """Field 64: ISO 9797-1 algorithm 3, padding 1, over the encoded message up to
-    (excluding) the 16 MAC characters (wire.md 7)."""
-    doc = dict(doc)
-    doc["64"] = "0" * 16
+    """Field 64 (or 128): ISO 9797-1 algorithm 3, padding 1, over the encoded
+    message up to (excluding) the 16 MAC characters (wire.md 7)."""
+    doc = {k: v for k, v in doc.items() if k not in ("64", "128")}
+    field = mac_field(doc)
+    doc[field] = "0" * 16
     raw, _ = iso8583.encode(dict(doc), SPEC)
+    doc[field] = mac_over(raw[:-16], tak)
+    return doc
+
+
+def mac_over(data: bytes, tak: bytes) -> str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mac = psec.mac.generate_retail_mac(tak[:8], tak[8:16], bytes(raw[:-16]), 1)
-    doc["64"] = mac.hex().upper()
-    return doc
+        return psec.mac.generate_retail_mac(tak[:8], tak[8:16], bytes(data), 1).hex().upper()
 
 
 # --------------------------------------------------------------------------

@@ -200,7 +200,7 @@ class _TerminalConn(FramedProtocol):
             self._undecodable(header, e)
             return
         try:
-            coro = acc._handle(msg, self.info)
+            coro = acc._handle(msg, self.info, payload) if acc._wants_raw else acc._handle(msg, self.info)
             task = acc._loop.create_task(coro)
         except Exception as e:  # handle() is not a coroutine function
             self._handler_failed(msg, e)
@@ -322,6 +322,8 @@ class Acceptor:
         self.log = logger or log
         self._handler = handler
         self._handle = handler.handle
+        # A handler that checks MACs needs the bytes as received (macfield).
+        self._wants_raw = bool(getattr(handler, "wants_raw", False))
         self._format_error = getattr(handler, "format_error", None)
         self._dialect = get_dialect(options.dialect)
         self._framing, _ = framing_of(options)

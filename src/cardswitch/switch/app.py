@@ -22,7 +22,9 @@ from cardswitch.switch.banklink import BankLink
 from cardswitch.switch.clock import RrnAllocator, local_today, utc_now
 from cardswitch.switch.index import TxnIndex
 from cardswitch.switch.journal import Journal
+from cardswitch.hsm_sim.client import HsmClient
 from cardswitch.switch.pipeline import PinError, Pipeline
+from cardswitch.switch.security import STATE_PREFIX, KeyStore, Security, SecurityError
 from cardswitch.switch.steps import Context
 
 log = logging.getLogger("cardswitch.switch")
@@ -45,23 +47,34 @@ def token_secret(network: Network, data_dir: str) -> bytes:
     return key
 
 
-class InProcessPinTranslator:
-    """TPK -> ZPK translation with clear test keys (mode = "test").
+class HsmPinTranslator:
+    """TPK -> ZPK through the HSM (CA), as the pipeline's PIN step wants it."""
 
-    The HSM issue replaces this with a CA command to the HSM; the pipeline
-    sees the same coroutine either way.
-    """
+    def __init__(self, security: Security) -> None:
+        self.security = security
 
     async def __call__(self, block: str, info: TerminalInfo, bank: Bank, pan: str) -> str:
-        from cardswitch.crypto.pinblock import translate_pin_block
-
-        tpk, zpk = info.terminal.tpk, bank.zpk
-        if tpk is None or zpk is None or not tpk.is_clear or not zpk.is_clear:
-            raise PinError(RC.SYSTEM_MALFUNCTION)
         try:
-            return translate_pin_block(block, tpk.clear_bytes(), zpk.clear_bytes(), pan)
-        except ValueError:
-            raise PinError(RC.INCORRECT_PIN) from None
+            return await self.security.translate_pin(block, info.terminal_id, bank, pan)
+        except SecurityError as e:
+            raise PinError(e.rc) from None
+
+
+class LinkMac:
+    """A bank link's MACs under its ZAK, through the HSM."""
+
+    def __init__(self, security: Security, bank_id: str) -> None:
+        self.security = security
+        self.bank_id = bank_id
+
+    async def sign(self, data: bytes) -> str:
+        mac = await self.security.link_mac(self.bank_id, data)
+        if mac is None:
+            raise SecurityError(RC.SYSTEM_MALFUNCTION, "no ZAK")
+        return mac
+
+    async def verify(self, data: bytes, mac: str) -> bool:
+        return await self.security.verify_link_mac(self.bank_id, data, mac)
 
 
 class SwitchApp:
@@ -75,6 +88,7 @@ class SwitchApp:
         self.links: dict[str, BankLink] = {}
         self.acceptor: Acceptor | None = None
         self.pipeline: Pipeline | None = None
+        self.hsm: HsmClient | None = None
 
     async def start(self) -> None:
         net = self.network
@@ -92,15 +106,23 @@ class SwitchApp:
         ctx = Context(network=net, registry=Registry.from_network(net), bins=BinTable.from_network(net),
                       index=index, token_secret=token_secret(net, self.data_dir),
                       business_date=business_date)
+        # Every secret goes through the HSM; the switch holds keys under its LMK only.
+        self.hsm = HsmClient(net.hsm.listen, pool_size=2, timeout_s=1.0)
+        await self.hsm.start()
+        keys = KeyStore(net)
+        keys.restore(journal.state_items(STATE_PREFIX))
+        security = Security(self.hsm, keys)
         for bank in net.banks:
             link = BankLink(bank.id, list(bank.hosts), bank.link,
                             switch_institution_id=sw.institution_id,
-                            echo_interval_s=sw.echo_interval_ms / 1000)
+                            echo_interval_s=sw.echo_interval_ms / 1000,
+                            mac=LinkMac(security, bank.id) if keys.zak.get(bank.id) else None)
             self.links[bank.id] = link
         rrn = RrnAllocator(self._reserve_rrn)
         self.pipeline = Pipeline(ctx, journal, self.links, rrn=lambda: rrn.next(utc_now()),
-                                 translate_pin=InProcessPinTranslator(),
-                                 issuer_timeout_s=sw.issuer_timeout_ms / 1000)
+                                 translate_pin=HsmPinTranslator(security),
+                                 issuer_timeout_s=sw.issuer_timeout_ms / 1000,
+                                 security=security)
         for link in self.links.values():
             await link.start()
         # Terminals are let in once the banks have signed on (or after a short
@@ -139,6 +161,8 @@ class SwitchApp:
             await self.pipeline.drain()
         for link in self.links.values():
             await link.stop()
+        if self.hsm is not None:
+            await self.hsm.stop()
         if self.journal is not None:
             self.journal.flush()
             self.journal.close()

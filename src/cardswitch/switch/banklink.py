@@ -37,6 +37,7 @@ from typing import Any, Awaitable, Callable, Sequence
 
 from cardswitch.config import Endpoint, LinkOptions
 from cardswitch.iso8583.constants import MTI, RC, F, NetMgmt, response_mti
+from cardswitch.iso8583 import macfield
 from cardswitch.iso8583.dialect import DecodeError, Message, get_dialect
 from cardswitch.switch.backoff import Backoff
 from cardswitch.switch.framed import FramedProtocol, framing_of
@@ -89,6 +90,7 @@ class LinkStats:
     frames_out: int = 0
     decode_errors: int = 0
     framing_errors: int = 0       # too large, bad length prefix or stalled frame: closed
+    bad_macs: int = 0             # responses whose MAC was missing or wrong
 
 
 def utc_mmddhhmmss(now: datetime | None = None) -> str:
@@ -172,6 +174,7 @@ class BankLink:
         backoff: Backoff | None = None,
         logger: logging.Logger | None = None,
         first_stan: int = 1,
+        mac: Any = None,
     ) -> None:
         if not endpoints:
             raise ValueError(f"bank {bank_id}: no endpoints")
@@ -201,6 +204,9 @@ class BankLink:
         self._last_rx = 0.0
         self._online_waiters: list[asyncio.Future] = []
         self._tasks: set[asyncio.Task] = set()       # async on_unsolicited answers
+        # Link MACs (wire.md 7): an object with async sign(data) -> hex and
+        # async verify(data, mac) -> bool, or None for a link without a ZAK.
+        self.mac = mac
 
     # -- public --------------------------------------------------------------
 
@@ -279,10 +285,59 @@ class BankLink:
     async def request(self, msg: Message, timeout_s: float) -> Message:
         """Send ``msg`` with the link's STAN (written into ``msg["11"]``); its response.
 
-        Raises LinkDown (nothing sent), LinkTimeout (sent, unanswered), or the
-        codec's EncodeError (nothing sent).
+        Raises LinkDown (nothing sent), LinkTimeout (sent, unanswered; also a
+        response whose MAC is wrong), or the codec's EncodeError (nothing sent).
         """
-        return await self.request_future(msg, timeout_s)
+        if self.mac is None:
+            return await self.request_future(msg, timeout_s)
+        return await self._request_maced(msg, timeout_s)
+
+    async def _request_maced(self, msg: Message, timeout_s: float) -> Message:
+        """Reserve the STAN, MAC the message as it will be sent, then send it."""
+        if self._state != ONLINE:
+            self.stats.link_down += 1
+            raise LinkDown(f"bank {self.bank_id} is {self._state}")
+        inflight = self._inflight
+        try:
+            stan = inflight.next_stan()
+        except InFlightFull as e:
+            raise LinkDown(f"bank {self.bank_id}: {e}") from None
+        msg[F.STAN] = stan
+        p = _Pending(stan, self._loop.create_future())
+        inflight.add(stan, msg[F.MTI], msg.get(F.RRN, ""), p)
+        try:
+            field, covered = macfield.prepare(self._dialect, msg)
+            msg[field] = await self.mac.sign(covered)
+            payload = self._dialect.encode(msg)
+        except BaseException:
+            inflight.pop(stan, p)
+            raise
+        conn = self._conn
+        if conn is None or conn.closed or not conn.write_frame(payload, self._header):
+            inflight.pop(stan, p)
+            raise LinkDown(f"bank {self.bank_id}: not connected")
+        p.timer = self._loop.call_later(timeout_s, self._on_timeout, p)
+        self.stats.frames_out += 1
+        self.stats.requests += 1
+        return await p.fut
+
+    async def _verify_then_resolve(self, p: _Pending, msg: Message, payload: bytes) -> None:
+        ok = False
+        try:
+            ok = await self.mac.verify(macfield.mac_input(self._dialect, msg, payload),
+                                       macfield.received_mac(msg))
+        except Exception as e:  # the HSM could not say: treat as unanswered
+            self.log.warning("bank %s: cannot check the MAC of STAN %s: %s", self.bank_id, p.stan,
+                             type(e).__name__)
+        if p.fut.done():
+            return
+        if ok:
+            self.stats.responses += 1
+            p.fut.set_result(msg)
+        else:
+            self.stats.bad_macs += 1
+            p.fut.set_exception(LinkTimeout(f"bank {self.bank_id}: response to STAN {p.stan} "
+                                            "has a missing or wrong MAC"))
 
     def request_future(self, msg: Message, timeout_s: float) -> asyncio.Future:
         """Like ``request`` without a coroutine: LinkDown/EncodeError are raised here."""
@@ -342,6 +397,11 @@ class BankLink:
             p = self._inflight.match(msg)
             if p is not None:
                 p.timer.cancel()
+                if self.mac is not None and mti[:3] != "081" and not p.fut.done():
+                    task = self._loop.create_task(self._verify_then_resolve(p, msg, payload))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                    return
                 if not p.fut.done():
                     self.stats.responses += 1
                     p.fut.set_result(msg)

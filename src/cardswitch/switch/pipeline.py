@@ -21,13 +21,15 @@ from cardswitch.iso8583.constants import (
     NetMgmt,
     TxnType,
 )
-from cardswitch.iso8583.dialect import Message
+from cardswitch.iso8583 import macfield
+from cardswitch.iso8583.dialect import Message, get_dialect
 from cardswitch.iso8583.validate import format_errors, missing_fields
 from cardswitch.pan import mask_pan
 from cardswitch.switch import messages, steps
 from cardswitch.switch.banklink import LinkDown, LinkTimeout
 from cardswitch.switch.clock import field7, iso_utc, utc_now
 from cardswitch.switch.records import Cancel, Kind, Status, TxnRecord
+from cardswitch.switch.security import STATE_PREFIX, SecurityError
 from cardswitch.switch.steps import Context, Txn
 
 log = logging.getLogger("cardswitch.switch")
@@ -45,9 +47,11 @@ class PinError(Exception):
 
 
 class Pipeline:
+    wants_raw = True   # the acceptor hands us the bytes as received: MACs are checked over them
+
     def __init__(self, ctx: Context, journal, links: Mapping[str, object], *,
                  rrn: Callable[[], str], translate_pin, issuer_timeout_s: float,
-                 stats=None) -> None:
+                 stats=None, security=None) -> None:
         self.ctx = ctx
         self.journal = journal
         self.links = links
@@ -59,19 +63,29 @@ class Pipeline:
         self._banks = {b.id: b for b in ctx.network.banks}
         self._done: dict[int, asyncio.Future] = {}  # records still in flight -> done when final
         self._loop = asyncio.get_event_loop()
+        self.security = security                  # switch.security.Security, or None: no MACs
+        self.dialect = get_dialect(ctx.network.switch.link.dialect)
 
     # -- entry point -----------------------------------------------------------
 
-    async def handle(self, req: Message, conn=None) -> Message | None:
+    async def handle(self, req: Message, conn=None, raw: bytes = b"") -> Message | None:
+        resp = await self._dispatch(req, raw)
+        if resp is not None and self.security is not None and resp.get(F.MTI) != MTI.NETWORK_RESPONSE \
+                and self.security.keys.has_tak(resp.get(F.TERMINAL_ID, "")):
+            await self._seal(resp)
+        return resp
+
+    async def _dispatch(self, req: Message, raw: bytes) -> Message | None:
         mti = req.get(F.MTI, "")
         if mti in FINANCIAL_MTIS or mti in REVERSAL_MTIS:
-            return await self.financial(req)
-        if mti == MTI.RECONCILE_REQUEST:
-            return self.batch_close(req)
-        if mti == MTI.BATCH_UPLOAD:
-            return self.batch_upload(req)
+            return await self.financial(req, raw)
+        if mti in (MTI.RECONCILE_REQUEST, MTI.BATCH_UPLOAD):
+            rc = await self.verify_mac(req, raw) if F.TERMINAL_ID in req else None
+            if rc is not None:
+                return self._housekeeping(req, rc)
+            return self.batch_close(req) if mti == MTI.RECONCILE_REQUEST else self.batch_upload(req)
         if mti == MTI.NETWORK_REQUEST:
-            return self.network(req)
+            return await self.network(req)
         if len(mti) == 4 and mti.isdigit() and mti[2] in "0246":
             # A request of a class we do not serve: answered, never dropped.
             return messages.terminal_response(req, RC.INVALID_TRANSACTION)
@@ -82,7 +96,32 @@ class Pipeline:
 
     # -- financial requests, reversals -------------------------------------------
 
-    async def financial(self, req: Message) -> Message:
+    async def verify_mac(self, req: Message, raw: bytes) -> str | None:
+        """63: a terminal with a TAK sent no MAC or a wrong one (wire.md 7); the
+        request goes no further. 96 when the HSM cannot say."""
+        sec = self.security
+        tid = req.get(F.TERMINAL_ID, "")
+        if sec is None or not sec.keys.has_tak(tid):
+            return None
+        mac = macfield.received_mac(req)
+        try:
+            await sec.verify_terminal_mac(tid, macfield.mac_input(self.dialect, req, raw) if mac else b"", mac)
+        except SecurityError as e:
+            log.warning("terminal %s stan %s: %s", tid, req.get(F.STAN), e)
+            return e.rc
+        return None
+
+    async def _seal(self, resp: Message) -> None:
+        """MAC a response to a terminal that has a TAK (wire.md 4)."""
+        try:
+            field, covered = macfield.prepare(self.dialect, resp)
+            resp[field] = await self.security.terminal_mac(resp[F.TERMINAL_ID], covered)
+        except SecurityError as e:
+            resp.pop(F.MAC, None)
+            resp.pop(F.MAC_SECONDARY, None)
+            log.warning("terminal %s: response sent without a MAC: %s", resp.get(F.TERMINAL_ID), e)
+
+    async def financial(self, req: Message, raw: bytes = b"") -> Message:
         ctx = self.ctx
         t = Txn(req=req, mti=req[F.MTI], received=utc_now(), t0=time.perf_counter())
         rc = steps.classify(t) or steps.validate(t, ctx) or steps.detect_duplicate(t, ctx)
@@ -92,7 +131,10 @@ class Pipeline:
         if rc is not None:                      # unreadable or a duplicate: not indexed
             return self.finish_local(t, rc)
         ctx.index.add(rec)                      # from here on, a resend is a duplicate
-        rc = (steps.identify_terminal(t, ctx)
+        rc = steps.identify_terminal(t, ctx)
+        if rc is None and self.security is not None:
+            rc = await self.verify_mac(req, raw)
+        rc = (rc
               or steps.check_allowed(t, ctx)
               or (None if t.kind == Kind.REVERSAL else
                   steps.read_card(t, ctx) or steps.check_amount(t, ctx) or steps.check_batch(t, ctx)))
@@ -383,7 +425,7 @@ class Pipeline:
 
     # -- network management -------------------------------------------------------
 
-    def network(self, req: Message) -> Message:
+    async def network(self, req: Message) -> Message:
         if format_errors(req) or missing_fields(req, steps.NETWORK_REQUIRED):
             return messages.network_response(req, RC.FORMAT_ERROR)
         tid = req.get(F.TERMINAL_ID)
@@ -392,7 +434,27 @@ class Pipeline:
         code = req[F.NETWORK_MGMT_CODE]
         if code in (NetMgmt.SIGN_ON, NetMgmt.SIGN_OFF, NetMgmt.ECHO):
             return messages.network_response(req, RC.APPROVED)
+        if code == NetMgmt.KEY_CHANGE and tid and self.security is not None:
+            return await self.key_change(req, tid)
         return messages.network_response(req, RC.INVALID_TRANSACTION)
+
+    async def key_change(self, req: Message, tid: str) -> Message:
+        """0800/101: a new TPK and TAK under the terminal's TMK in field 48 (wire.md 7).
+
+        The new keys are journaled (under the LMK only) before the answer
+        leaves, and used from then on.
+        """
+        try:
+            field48, new = await self.security.key_change(tid)
+        except SecurityError as e:
+            log.warning("terminal %s: key change failed: %s", tid, e)
+            return messages.network_response(req, e.rc)
+        value = self.security.adopt(tid, new)
+        await self.journal.set_state(STATE_PREFIX + tid, value, self._loop)
+        resp = messages.network_response(req, RC.APPROVED)
+        resp[F.ADDITIONAL_DATA] = field48
+        log.info("terminal %s: new TPK and TAK issued", tid)
+        return resp
 
     # -- helpers -------------------------------------------------------------------
 
