@@ -376,13 +376,20 @@ class Pipeline:
 
     # -- batch close and upload (wire.md 6) -------------------------------------
 
-    def batch_close(self, req: Message) -> Message:
-        ctx = self.ctx
-        if format_errors(req) or missing_fields(req, steps.BATCH_CLOSE_REQUIRED):
+    def _refuse_housekeeping(self, req: Message, required: tuple[str, ...]) -> Message | None:
+        """30 for a malformed 0500/0320, 03 for an unknown terminal; else None."""
+        if format_errors(req) or missing_fields(req, required):
             return messages.terminal_response(req, RC.FORMAT_ERROR)
-        info, rc = ctx.registry.check_terminal(req[F.TERMINAL_ID], req[F.MERCHANT_ID])
+        info, rc = self.ctx.registry.check_terminal(req[F.TERMINAL_ID], req[F.MERCHANT_ID])
         if info is None or rc != RC.APPROVED:
             return self._housekeeping(req, rc or RC.INVALID_MERCHANT)
+        return None
+
+    def batch_close(self, req: Message) -> Message:
+        ctx = self.ctx
+        refused = self._refuse_housekeeping(req, steps.BATCH_CLOSE_REQUIRED)
+        if refused is not None:
+            return refused
         tid, batch, proc = req[F.TERMINAL_ID], req[F.BATCH_NUMBER], req[F.PROC]
         ours = ctx.index.totals(tid, batch)
         if proc == PROC_BATCH_CLOSE:
@@ -406,12 +413,9 @@ class Pipeline:
         return self._housekeeping(req, RC.INVALID_TRANSACTION)
 
     def batch_upload(self, req: Message) -> Message:
-        ctx = self.ctx
-        if format_errors(req) or missing_fields(req, steps.UPLOAD_REQUIRED):
-            return messages.terminal_response(req, RC.FORMAT_ERROR)
-        info, rc = ctx.registry.check_terminal(req[F.TERMINAL_ID], req[F.MERCHANT_ID])
-        if info is None or rc != RC.APPROVED:
-            return self._housekeeping(req, rc or RC.INVALID_MERCHANT)
+        refused = self._refuse_housekeeping(req, steps.UPLOAD_REQUIRED)
+        if refused is not None:
+            return refused
         self.journal.record_upload(req[F.TERMINAL_ID], req[F.BATCH_NUMBER], _upload_row(req))
         return self._housekeeping(req, RC.APPROVED)
 
