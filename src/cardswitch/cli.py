@@ -236,6 +236,21 @@ def cmd_txn(args) -> int:
     return asyncio.run(run_txn(net, args))
 
 
+# -- cutover ---------------------------------------------------------------------------
+
+
+def cmd_cutover(args) -> int:
+    from cardswitch.switch.cutover import CutoverError, request_cutover
+
+    net = _load(args.config)
+    try:
+        old, new = request_cutover(net.switch.journal, net.switch.data_dir)
+    except CutoverError as e:
+        raise CliError(str(e)) from None
+    print(f"business date {old} -> {new}")
+    return 0
+
+
 # -- demo ------------------------------------------------------------------------------
 
 
@@ -301,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch", type=int, default=1, help="batch number (field 60)")
     sp.add_argument("--timeout", type=float, default=30.0)
     sp.set_defaults(func=cmd_txn)
+
+    sp = with_config(sub.add_parser("cutover", help="end the current business day now"))
+    sp.set_defaults(func=cmd_cutover)
 
     sp = sub.add_parser("demo", help="run a business day on the demo network and print the results")
     sp.add_argument("--keep", action="store_true", help="keep the demo's data directory")

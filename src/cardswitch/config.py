@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cardswitch.pan import mask_pan
+
 
 @dataclass(slots=True, frozen=True)
 class Endpoint:
@@ -95,16 +97,36 @@ class BinRange:
     line: int = field(default=0, compare=False)
 
 
+PIN_METHODS = ("pvv", "ibm")        # Visa PVV | IBM 3624 offset
+
+
 @dataclass(slots=True, frozen=True)
 class Card:
+    """A card of a simulated bank, as the network file describes it.
+
+    ``pin`` is what the cardholder types (test networks and load generators
+    use it to build PIN blocks); the bank itself keeps only the PVV or IBM
+    offset computed from it at load. A live network gives ``pvv`` (method
+    ``pvv``) or ``pin_offset`` (method ``ibm``) instead: the PVK is under the
+    LMK there, so nothing can be computed from a PIN.
+    """
+
     pan: str
     expiry: str                     # YYMM
-    pin: str
+    pin: str | None                 # None: not in the file (live mode: pvv / pin_offset instead)
     balance: int
     currency: str = "156"
     status: str = "active"          # active | lost | stolen | blocked
     daily_withdrawal_limit: int = 0  # 0 = no limit
     delay_ms: int = 0
+    pin_method: str = "pvv"         # "pvv" (Visa PVV, HSM EC) | "ibm" (IBM 3624 offset, HSM EA)
+    pvv: str = ""                   # 4 digits, PVKI 1; "" = computed from pin at load
+    pin_offset: str = ""            # 4-12 digits; "" = computed from pin at load
+
+    def __repr__(self) -> str:      # never print a full PAN, a PIN or a PVV
+        return (f"Card(pan={mask_pan(self.pan)}, expiry={self.expiry}, pin={'***' if self.pin else None}, "
+                f"balance={self.balance}, currency={self.currency}, status={self.status}, "
+                f"pin_method={self.pin_method})")
 
 
 @dataclass(slots=True, frozen=True)
@@ -123,6 +145,10 @@ class Bank:
     bins: tuple[BinRange, ...] = ()
     cards: tuple[Card, ...] = ()
     link: LinkOptions = LinkOptions()
+    # Issuer keys, held by the bank only (never by the switch); same forms as zpk/zak.
+    pvk: Key | None = None          # PIN verification key (double length; HSM key type 002)
+    cvk: Key | None = None          # card verification key pair (double length; 402)
+    mk_ac: Key | None = None        # EMV issuer master key for application cryptograms (109)
 
     @property
     def host(self) -> Endpoint:

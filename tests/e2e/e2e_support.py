@@ -89,6 +89,7 @@ class Term:
     currency: str
     tpk: bytes | None
     tak: bytes | None
+    tmk: bytes | None = None
 
 
 def terminals_of(net: Network) -> dict[str, Term]:
@@ -100,6 +101,7 @@ def terminals_of(net: Network) -> dict[str, Term]:
                 tid=t.id, mid=m.id, kind=t.kind, acquirer_inst=acq, currency=m.currency,
                 tpk=bytes.fromhex(t.tpk.text[6:]) if t.tpk is not None else None,
                 tak=bytes.fromhex(t.tak.text[6:]) if t.tak is not None else None,
+                tmk=bytes.fromhex(t.tmk.text[6:]) if t.tmk is not None else None,
             )
     return out
 
@@ -291,6 +293,7 @@ class Conn:
         self.order: list[dict] = []          # every response, in arrival order
         self.mac = mac
         self.terms = terms or {}
+        self._payloads: dict[int, bytes] = {}   # id(response) -> its bytes as received
 
     def __enter__(self) -> Conn:
         return self
@@ -309,7 +312,7 @@ class Conn:
     def prepare(self, doc: dict) -> bytes:
         """Encoded, with field 64 when the terminal has a MAC key (wire.md 7)."""
         term = self.terms.get(doc.get("41", ""))
-        if self.mac and term is not None and term.tak is not None and "64" not in doc:
+        if self.mac and term is not None and term.tak is not None and "64" not in doc and "128" not in doc:
             doc = add_mac(doc, term.tak)
         return encode(doc)
 
@@ -360,8 +363,13 @@ class Conn:
         doc, _ = iso8583.decode(payload, SPEC)
         doc.pop("p", None)
         doc.pop("1", None)
-        self.order.append(doc)
+        self.order.append(doc)               # keeps ``doc`` alive, so its id stays its own
+        self._payloads[id(doc)] = payload
         return doc
+
+    def payload_of(self, resp: dict) -> bytes:
+        """The bytes ``resp`` (a response this connection returned) arrived as."""
+        return self._payloads[id(resp)]
 
     def wait_for(self, tid: str, stan: str) -> dict:
         deadline = time.monotonic() + self.timeout
@@ -610,3 +618,109 @@ class Driver:
             time.sleep(0.05)
             got = self.balance(pan)
         return got
+
+
+# --------------------------------------------------------------------------
+# Security checks (wire.md 7): response MACs, key change, secrets left behind
+
+
+def tdes_ecb(key: bytes, data: bytes, *, decrypt: bool = False) -> bytes:
+    """Triple-DES ECB with psec (a double-length key: each 8-byte block on its own)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fn = psec.des.decrypt_tdes_ecb if decrypt else psec.des.encrypt_tdes_ecb
+        return fn(key, data)
+
+
+def kcv(key: bytes) -> str:
+    """Check value: the first 6 hex digits of the key encrypting 8 zero bytes (wire.md 7)."""
+    return tdes_ecb(key, bytes(8)).hex().upper()[:6]
+
+
+def response_mac_problem(resp: dict, payload: bytes, tak: bytes) -> str | None:
+    """Why ``resp`` (received as ``payload``) does not carry a right MAC under
+    ``tak``, or None: field 64, or 128 when it has a secondary bitmap, the
+    last 16 characters, equal to ISO 9797-1 alg 3 over the bytes before them."""
+    want = mac_field(resp)
+    other = "64" if want == "128" else "128"
+    if want not in resp:
+        return f"no MAC in field {want} (fields: {sorted(k for k in resp if k != 't')})"
+    if other in resp:
+        return f"a MAC in field {other} as well"
+    mac = resp[want]
+    if not payload.endswith(mac.encode()):
+        return f"field {want} is not the last 16 characters of the message"
+    expected = mac_over(payload[:-16], tak)
+    if mac != expected:
+        return f"field {want} = {mac}, but the MAC of the bytes before it is {expected}"
+    return None
+
+
+@dataclass(frozen=True)
+class IssuedKeys:
+    """Field 48 of a key change answer, opened with the terminal's clear TMK."""
+
+    tpk: bytes
+    tpk_kcv: str       # as field 48 gives it
+    tak: bytes
+    tak_kcv: str
+
+
+def open_key_change(field48: str, tmk: bytes) -> IssuedKeys:
+    """TPK under TMK (32 hex) + KCV (6) + TAK under TMK (32 hex) + KCV (6), wire.md 7."""
+    assert len(field48) == 76, f"field 48 is {len(field48)} characters, not 76"
+    bytes.fromhex(field48)      # all hex, or ValueError
+    return IssuedKeys(
+        tpk=tdes_ecb(tmk, bytes.fromhex(field48[0:32]), decrypt=True), tpk_kcv=field48[32:38].upper(),
+        tak=tdes_ecb(tmk, bytes.fromhex(field48[38:70]), decrypt=True), tak_kcv=field48[70:76].upper())
+
+
+def with_keys(term: Term, *, tpk: bytes | None = None, tak: bytes | None = None) -> Term:
+    return replace(term, tpk=tpk if tpk is not None else term.tpk, tak=tak if tak is not None else term.tak)
+
+
+@dataclass(frozen=True)
+class Secret:
+    """Something no file or log may hold: ``label`` names it without revealing it."""
+
+    label: str
+    forms: tuple[bytes, ...]
+
+
+def hex_secret(label: str, hex_text: str) -> Secret:
+    """A binary secret (key, PIN block): its hex in either case, and its raw bytes."""
+    return Secret(label, (hex_text.upper().encode(), hex_text.lower().encode(), bytes.fromhex(hex_text)))
+
+
+def pan_secret(pan: str) -> Secret:
+    """A full PAN: its digits, and packed BCD (F-padded) as a binary dialect would carry it."""
+    digits = pan + ("F" if len(pan) % 2 else "")
+    return Secret(f"PAN {pan[:6]}...{pan[-4:]}", (pan.encode(), bytes.fromhex(digits)))
+
+
+def text_secret(label: str, text: str) -> Secret:
+    return Secret(label, (text.encode(),))
+
+
+def files_under(*roots: Path) -> list[Path]:
+    """Every regular file under ``roots``, recursively (SQLite WAL and SHM files included)."""
+    out: list[Path] = []
+    for root in roots:
+        if root.is_file():
+            out.append(root)
+        elif root.is_dir():
+            out += sorted(p for p in root.rglob("*") if p.is_file())
+    return out
+
+
+def find_secrets(secrets: list[Secret], files: list[Path],
+                 texts: dict[str, str] | None = None) -> list[str]:
+    """Where any form of any secret occurs: ``"<file>: <label>"`` lines."""
+    found: list[str] = []
+    blobs: list[tuple[str, bytes]] = [(str(p), p.read_bytes()) for p in files]
+    blobs += [(name, t.encode()) for name, t in (texts or {}).items()]
+    for name, data in blobs:
+        for sec in secrets:
+            if any(f in data for f in sec.forms):
+                found.append(f"{name}: {sec.label}")
+    return found

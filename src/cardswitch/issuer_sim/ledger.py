@@ -17,9 +17,10 @@ Choices where the contract is silent:
   already completed or voided, another card): 12.
 - A card outside the bank's BIN ranges is answered like an unknown card: 14
   (52 for a transfer credit leg, 28).
-- PIN tries: each wrong PIN (or undecodable block) answers 55 and counts; once
-  3 in a row are counted, every PIN transaction gets 75 without verifying,
-  until the day changes. A withdrawal without field 52 is 55 and not a try.
+- PIN tries: each wrong PIN (or a block the HSM finds invalid, errors 20 and
+  24) answers 55 and counts; once 3 in a row are counted, every PIN
+  transaction gets 75 without verifying, until the day changes. A withdrawal
+  without field 52 is 55 and not a try.
 - "Day" (PIN tries, daily withdrawal total) is the switch's business date of
   field 15 (year inferred, closest to now), else the UTC date.
 - On-us transfer whose target card (103, inside our BINs) is unknown or not
@@ -35,11 +36,36 @@ Choices where the contract is silent:
   comes, it is answered as usual and its effects are undone at once.
 - ``delay_ms`` delays the card's 0100/0200 answers (and their repeats), not
   advice acknowledgements, so a reversal after a switch timeout gets through.
+
+Security checks (the bank never holds a clear PIN or a clear key): the pure
+step :meth:`IssuerLogic.security_checks` says what a 0100/0200 needs
+verified, an injected :class:`~cardswitch.issuer_sim.checks.Verifier` (the
+HSM) verifies it, and :meth:`IssuerLogic.handle` decides with the results;
+:meth:`IssuerLogic.process` is that sequence as one coroutine. The checks,
+after the card's status and expiry, in order:
+
+- Track 2 (field 35) when the bank has a CVK: the CVV of the track (see
+  cards.py for where it sits) is verified (CY). Wrong, or a track with no
+  CVV: 05, as Visa declines a bad CVV on track data.
+- Chip (field 55 with tag 9F26) when the bank has an MK-AC: the ARQC is
+  verified (KQ). Wrong: 05. Either way the answer carries field 55 with tag
+  91: the ARPC for ARC = the two characters of field 39, plus that ARC (KQ
+  mode 1 gives it for 00; another answer code costs a KQ mode 2 after the
+  decision, and goes without field 55 if that fails).
+- PIN (field 52): verified with the PVV (EC) or IBM offset (EA) kept for
+  the card. Wrong: 55 as above.
+- A check that cannot be made (the HSM is down, slow or failing; a PIN
+  block for a bank without a ZPK and PVK, or for a card without a PVV or
+  offset): 96, "system malfunction": the issuer is up but cannot verify, and
+  96 tells the switch not to count the attempt against the card. Banks
+  without a CVK or MK-AC do not verify CVVs or ARQCs.
+- Malformed field 55 (not BER-TLV; an ARQC without a 2-byte ATC 9F36 or a
+  4-byte unpredictable number 9F37; tag 5A not the request's PAN): 30.
 """
 
 from __future__ import annotations
 
-import hmac
+import asyncio
 import logging
 from collections import OrderedDict
 from functools import lru_cache
@@ -50,7 +76,6 @@ from datetime import date, datetime
 import orjson
 
 from cardswitch.config import BinRange, Card
-from cardswitch.crypto.pinblock import decrypt_pin_block
 from cardswitch.iso8583.constants import (
     CONDITION_COMPLETION,
     RC,
@@ -63,6 +88,26 @@ from cardswitch.iso8583.constants import (
 )
 from cardswitch.iso8583.dialect import Message
 from cardswitch.iso8583.fields import AdditionalAmount, format_field54
+from cardswitch.issuer_sim.cards import (
+    PinRef,
+    arc_for,
+    arqc_check_from,
+    issuer_auth_data,
+    parse_track2,
+)
+from cardswitch.issuer_sim.checks import (
+    CAN_CVV,
+    CAN_PIN,
+    CAN_ARQC,
+    ArqcCheck,
+    Checks,
+    CvvCheck,
+    PinCheck,
+    Results,
+    Verdict,
+    Verifier,
+    verify_all,
+)
 from cardswitch.pan import mask_pan, pan_from_track2, pan_token
 from cardswitch.switch.records import Kind
 
@@ -132,12 +177,11 @@ class Hold:
 
 @dataclass(slots=True)
 class Account:
-    """One card's account. ``pin`` comes from the network file, never from storage."""
+    """One card's account. The bank keeps the card's PVV or IBM offset, never its PIN."""
 
     token: str
     pan_masked: str
     expiry: str                     # YYMM
-    pin: str | None
     currency: str
     status: str
     daily_withdrawal_limit: int     # 0 = no limit
@@ -148,23 +192,39 @@ class Account:
     pin_day: str = ""               # YYYY-MM-DD
     withdrawn: int = 0              # approved withdrawals on withdrawn_day
     withdrawn_day: str = ""
+    pin_method: str = "pvv"         # "pvv" | "ibm"
+    pvv: str = ""                   # Visa PVV (PVKI 1), method pvv
+    pin_offset: str = ""            # IBM 3624 offset, method ibm
 
     @property
     def available(self) -> int:
         return self.balance - self.held
 
-    @classmethod
-    def from_card(cls, card: Card, secret: bytes) -> Account:
-        """A new account for a card of the network file (its opening balance)."""
-        return cls(token=pan_token(card.pan, secret), pan_masked=mask_pan(card.pan),
-                   expiry=card.expiry, pin=card.pin, currency=card.currency, status=card.status,
-                   daily_withdrawal_limit=card.daily_withdrawal_limit, delay_ms=card.delay_ms,
-                   balance=card.balance)
+    @property
+    def pin_ref(self) -> PinRef:
+        return PinRef(self.pin_method, self.pvv, self.pin_offset)
 
-    def follow(self, card: Card) -> None:
-        """Take the card's static data from the network file; keep the balances."""
-        self.pin, self.expiry, self.currency, self.status = card.pin, card.expiry, card.currency, card.status
+    @classmethod
+    def from_card(cls, card: Card, secret: bytes, ref: PinRef | None = None) -> Account:
+        """A new account for a card of the network file (its opening balance);
+        ``ref`` is its PIN verification data (``cards.pin_ref_for``)."""
+        a = cls(token=pan_token(card.pan, secret), pan_masked=mask_pan(card.pan),
+                expiry=card.expiry, currency=card.currency, status=card.status,
+                daily_withdrawal_limit=card.daily_withdrawal_limit, delay_ms=card.delay_ms,
+                balance=card.balance)
+        a.set_pin_ref(ref or PinRef(card.pin_method))
+        return a
+
+    def follow(self, card: Card, ref: PinRef | None = None) -> None:
+        """Take the card's static data from the network file; keep the balances
+        (and the PIN verification data when the file gives none)."""
+        self.expiry, self.currency, self.status = card.expiry, card.currency, card.status
         self.daily_withdrawal_limit, self.delay_ms = card.daily_withdrawal_limit, card.delay_ms
+        if ref is not None and ref.usable:
+            self.set_pin_ref(ref)
+
+    def set_pin_ref(self, ref: PinRef) -> None:
+        self.pin_method, self.pvv, self.pin_offset = ref.method, ref.pvv, ref.pin_offset
 
 
 @dataclass(slots=True)
@@ -212,6 +272,9 @@ class Outcome:
     accounts: list[Account] = field(default_factory=list)  # accounts changed
     delay_ms: int = 0
     replay: bool = False
+    # A verified ARQC whose answer is not 00: the ARPC for that answer code is
+    # still to get (KQ mode 2) and to attach as field 55 (IssuerLogic.process).
+    arpc_for: ArqcCheck | None = None
 
 
 class _Changes:

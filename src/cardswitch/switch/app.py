@@ -19,7 +19,8 @@ from cardswitch.merchants.registry import Registry, TerminalInfo
 from cardswitch.routing.bintable import BinTable
 from cardswitch.switch.acceptor import Acceptor
 from cardswitch.switch.banklink import BankLink
-from cardswitch.switch.clock import RrnAllocator, local_today, utc_now
+from cardswitch.switch.clock import RrnAllocator, utc_now
+from cardswitch.switch.cutover import CutoverService
 from cardswitch.switch.index import TxnIndex
 from cardswitch.switch.journal import Journal
 from cardswitch.hsm_sim.client import HsmClient
@@ -28,8 +29,6 @@ from cardswitch.switch.security import STATE_PREFIX, KeyStore, Security, Securit
 from cardswitch.switch.steps import Context
 
 log = logging.getLogger("cardswitch.switch")
-
-STATE_BUSINESS_DATE = "business_date"
 
 
 def token_secret(network: Network, data_dir: str) -> bytes:
@@ -89,16 +88,15 @@ class SwitchApp:
         self.acceptor: Acceptor | None = None
         self.pipeline: Pipeline | None = None
         self.hsm: HsmClient | None = None
+        self.cutover: CutoverService | None = None
 
     async def start(self) -> None:
         net = self.network
         sw = net.switch
         Path(self.data_dir).mkdir(parents=True, exist_ok=True)
         self.journal = journal = Journal.open(sw.journal, self.data_dir)
-        business_date = journal.get_state(STATE_BUSINESS_DATE)
-        if business_date is None:
-            business_date = local_today(sw.timezone).isoformat()
-            journal.set_state(STATE_BUSINESS_DATE, business_date)
+        self.cutover = CutoverService(journal, sw.timezone, sw.cutover, self._business_date_changed)
+        business_date = self.cutover.restore()
         index = TxnIndex()
         index.mark_closed(journal.closed_batches())
         for rec in journal.load_for_recovery([business_date]):
@@ -128,6 +126,7 @@ class SwitchApp:
         # Terminals are let in once the banks have signed on (or after a short
         # wait: a bank that is down answers 91 until it is back).
         await self.wait_links_online(self.link_wait_s)
+        self.cutover.start()
         listen = sw.listen if self.listen_port is None else type(sw.listen)(sw.listen.host, self.listen_port)
         self.acceptor = Acceptor(listen, sw.link, self.pipeline)
         await self.acceptor.start()
@@ -154,7 +153,14 @@ class SwitchApp:
         self.journal.flush()
         return wanted
 
+    def _business_date_changed(self, new: str) -> None:
+        """Requests received from now on carry the new date; those in flight keep theirs."""
+        if self.pipeline is not None:
+            self.pipeline.ctx.business_date = new
+
     async def stop(self, drain_timeout: float = 10.0) -> None:
+        if self.cutover is not None:
+            await self.cutover.stop()
         if self.acceptor is not None:
             await self.acceptor.stop(drain_timeout)
         if self.pipeline is not None:
