@@ -12,7 +12,12 @@ flight per terminal).
 
 Requests are 0200 purchases (wire.md 3) encoded once per terminal with
 pyiso8583 (``default_ascii``, as a real terminal would); per request only
-fields 7, 11, 12 and 13 are patched in place. Field 11 is unique per terminal
+fields 7, 11, 12 and 13 are patched in place. With ``--security`` (needs
+``--network``) the terminals are POS terminals with a TPK and a TAK: each
+request carries a PIN block (field 52, the card's PIN under the TPK, made
+once per terminal: format 0 has no random fill) and a MAC (field 64, ISO
+9797-1 algorithm 3 under the TAK), recomputed per request over the patched
+bytes with ``cardswitch.crypto.mac.mac_alg3`` (about 13 us). Field 11 is unique per terminal
 ID within a run (several simulated terminals sharing one terminal ID take
 interleaved STANs), wraps at 999999, and field 7 moves with the clock, so no
 two requests share 41 + 11 + 7 and the switch never sees a duplicate.
@@ -44,9 +49,11 @@ import uvloop
 
 from wirebytes import ASCII_LAYOUT, RESPONSE_CODE, STAN, Frames2, Layout
 
+from cardswitch.crypto.mac import mac_alg3
 from cardswitch.iso8583.constants import F, MTI, RC
 
 STAN_MAX = 999999
+_MAC_PLACEHOLDER = b"0" * 16
 CONNECT_TIMEOUT_S = 10.0
 
 
@@ -62,6 +69,8 @@ class Identity:
     currency: str
     pan: str
     expiry: str          # YYMM, "" = not sent
+    pin_block: str = ""  # field 52 (hex), "" = not sent
+    tak: bytes = b""     # MAC key: field 64 computed per request; b"" = no MAC
 
 
 def luhn_complete(digits: str) -> str:
@@ -92,21 +101,39 @@ def _network_lists(path: str) -> tuple[list[tuple[str, str, str]], list[tuple[in
         from cardswitch.netfile import load_network
     except ImportError:  # before netfile exists: read the same TOML shape directly
         return _toml_lists(path)
+    terms, cards, _ = _secure_lists(load_network(path), secure=False)
+    return terms, cards
+
+
+def _secure_lists(net, secure: bool):
+    """``_network_lists`` of a loaded network; with ``secure``, POS terminals with a
+    TPK and a TAK instead, and cards with a PIN. Third item: tid -> (tpk, tak), pan -> pin."""
     this_month = time.strftime("%y%m", time.gmtime())
     terms: list[tuple[str, str, str]] = []
     cards: list[tuple[int, str, str]] = []
-    net = load_network(path)
+    secrets: dict[str, object] = {}
     for m in net.merchants:
         if not m.enabled:
             continue
         for t in m.terminals:
-            if t.kind == "pos" and t.enabled and t.tak is None:
+            if t.kind != "pos" or not t.enabled:
+                continue
+            if not secure and t.tak is None:
                 terms.append((t.id, m.id, m.currency))
+            elif secure and t.tak is not None and t.tpk is not None:
+                if not (t.tak.is_clear and t.tpk.is_clear):
+                    continue      # keys under an LMK: the load generator cannot use them
+                terms.append((t.id, m.id, m.currency))
+                secrets[t.id] = (t.tpk.clear_bytes(), t.tak.clear_bytes())
     for b in net.banks:
         for c in b.cards:
             if c.status == "active" and c.delay_ms == 0 and c.expiry >= this_month:
+                if secure:
+                    if not c.pin:
+                        continue
+                    secrets[c.pan] = c.pin
                 cards.append((c.balance, c.pan, c.expiry))
-    return terms, cards
+    return terms, cards, secrets
 
 
 def _toml_lists(path: str) -> tuple[list[tuple[str, str, str]], list[tuple[int, str, str]]]:
@@ -132,21 +159,39 @@ def _toml_lists(path: str) -> tuple[list[tuple[str, str, str]], list[tuple[int, 
     return terms, cards
 
 
-def network_identities(path: str, n: int, amount: int) -> list[Identity]:
+def network_identities(path: str, n: int, amount: int, *, security: bool = False) -> list[Identity]:
     """N identities from a network file: its POS terminals (reused round robin when
-    there are fewer than N) and its richest cards (enough balance for many purchases)."""
-    terms, cards = _network_lists(path)
-    if not terms:
-        raise SystemExit(f"loadgen: {path}: no enabled POS terminal without a MAC key")
+    there are fewer than N) and its richest cards (enough balance for many purchases).
+
+    ``security``: POS terminals with a clear TPK and TAK, cards with a PIN; each
+    identity carries the PIN block under its terminal's TPK and the TAK."""
+    if security:
+        from cardswitch.netfile import load_network
+
+        terms, cards, secrets = _secure_lists(load_network(path), secure=True)
+        if not terms:
+            raise SystemExit(f"loadgen: {path}: no enabled POS terminal with a clear TPK and TAK")
+    else:
+        terms, cards = _network_lists(path)
+        secrets = {}
+        if not terms:
+            raise SystemExit(f"loadgen: {path}: no enabled POS terminal without a MAC key")
     if not cards:
-        raise SystemExit(f"loadgen: {path}: no active card that answers at once")
+        raise SystemExit(f"loadgen: {path}: no active card that answers at once"
+                         + (" and has a PIN" if security else ""))
     cards.sort(reverse=True)
     rich = [c for c in cards if c[0] >= amount * 100_000] or cards[:1]
     out = []
     for j in range(n):
         tid, mid, cur = terms[j % len(terms)]
         _, pan, exp = rich[j % len(rich)]
-        out.append(Identity(tid, mid, cur, pan, exp))
+        if security:
+            from cardswitch.crypto.pinblock import encrypt_pin_block
+
+            tpk, tak = secrets[tid]
+            out.append(Identity(tid, mid, cur, pan, exp, encrypt_pin_block(secrets[pan], pan, tpk), tak))
+        else:
+            out.append(Identity(tid, mid, cur, pan, exp))
     return out
 
 
@@ -188,9 +233,12 @@ class Clock:
 
 
 class Template:
-    """One terminal's 0200, framed, split around the bytes patched per request."""
+    """One terminal's 0200, framed, split around the bytes patched per request.
 
-    __slots__ = ("pieces", "order")
+    With a TAK the message ends with field 64, computed per request over
+    everything after the length prefix and before the MAC (wire.md 7)."""
+
+    __slots__ = ("pieces", "order", "tak")
 
     PATCHED = (int(F.TRANSMISSION_DT), int(F.STAN), int(F.LOCAL_TIME), int(F.LOCAL_DATE))
 
@@ -213,6 +261,12 @@ class Template:
         }
         if ident.expiry:
             msg[F.EXPIRY] = ident.expiry
+        if ident.pin_block:
+            msg[F.PIN_BLOCK] = ident.pin_block
+            msg[F.ENTRY_MODE] = "011"        # manual entry, PIN entry capable
+        self.tak = ident.tak
+        if ident.tak:
+            msg[F.MAC] = _MAC_PLACEHOLDER.decode()
         raw, _ = iso8583.encode(msg, iso8583.specs.default_ascii)
         frame = len(raw).to_bytes(2, "big") + bytes(raw)
         spans = sorted((layout.find(raw, n), n) for n in self.PATCHED)
@@ -224,13 +278,19 @@ class Template:
             self.order.append(self.PATCHED.index(n))
             pos = e + 2
         self.pieces.append(frame[pos:])
+        if self.tak:
+            assert self.pieces[-1].endswith(_MAC_PLACEHOLDER), "field 64 must be the last field"
+            self.pieces[-1] = self.pieces[-1][:-len(_MAC_PLACEHOLDER)]
 
     def frame(self, values: tuple[bytes, bytes, bytes, bytes]) -> bytes:
-        """The framed request with (7, 11, 12, 13) = ``values``."""
+        """The framed request with (7, 11, 12, 13) = ``values`` (and its MAC)."""
         p = self.pieces
         o = self.order
-        return b"".join((p[0], values[o[0]], p[1], values[o[1]], p[2],
-                         values[o[2]], p[3], values[o[3]], p[4]))
+        out = b"".join((p[0], values[o[0]], p[1], values[o[1]], p[2],
+                        values[o[2]], p[3], values[o[3]], p[4]))
+        if self.tak:
+            return out + mac_alg3(self.tak, out[2:]).hex().upper().encode()
+        return out
 
 
 # -- one process's share of the terminals --------------------------------------------
@@ -550,6 +610,7 @@ def summarise(results: list[dict], args, n_terminals: int) -> dict:
         "target": args.target_text,
         "terminals": n_terminals,
         "procs": len(results),
+        "security": bool(getattr(args, "security", False)),
         "rate": args.rate,
         "duration_s": args.duration,
         "warmup_s": args.warmup,
@@ -603,15 +664,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", default="000001", help="field 60 batch number")
     ap.add_argument("--stan-start", type=int, default=0, help="continue STANs from a previous run's stan_next")
     ap.add_argument("--timeout", type=float, default=5.0, help="seconds before a request counts as timed out")
+    ap.add_argument("--security", action="store_true",
+                    help="terminals with a TPK and TAK from --network: every request carries a PIN "
+                         "block (52) and a MAC (64)")
     args = ap.parse_args(argv)
     if args.terminals < 1 or args.procs < 1 or args.duration <= 0 or args.warmup < 0 or args.rate < 0:
         ap.error("--terminals and --procs must be >= 1, --duration > 0, --warmup and --rate >= 0")
     args.target_text = f"{args.target[0]}:{args.target[1]}"
     procs = min(args.procs, args.terminals)
 
+    if args.security and not args.network:
+        ap.error("--security needs --network (the terminals' keys and the cards' PINs)")
     if args.network:
         try:
-            idents = network_identities(args.network, args.terminals, args.amount)
+            idents = network_identities(args.network, args.terminals, args.amount, security=args.security)
         except (OSError, ValueError) as e:  # NetworkFileError is a ValueError or names itself
             print(f"loadgen: {e}", file=sys.stderr)
             return 2

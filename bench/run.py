@@ -20,6 +20,13 @@ the measured window. Results go to bench/results/latest.json.
 ``--with-issuer-sim``: the switch's banks are the simulated issuers
 (``cardswitch up --only banks``) instead of the instant bank; the relay
 baseline still uses the instant bank.
+
+``--security``: then the same load from POS terminals with a TPK and a TAK,
+every request carrying a PIN block (52) and a MAC (64) computed per request
+by the load generator: the switch does an HSM PIN translation (CA), a MAC
+check (M8) and a response MAC (M6) per transaction. Reported next to the
+plain purchases, both against the same relay baseline, with their ratio and
+the load generator's CPU use (so a generator near one core shows).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
+import itertools
 import os
 import platform
 import shlex
@@ -73,6 +81,15 @@ class BenchNetwork:
 
 
 BUILTIN_CARDS = tuple(luhn_complete(f"62212600000000{i}") for i in range(1, 5))
+BUILTIN_SECURE_TERMINALS = 16
+
+
+def _test_key(label: str) -> str:
+    """A made-up double-length DES key with odd parity (bench networks only)."""
+    import hashlib
+
+    raw = hashlib.sha256(label.encode()).digest()[:16]
+    return bytes(b if bin(b).count("1") % 2 else b ^ 1 for b in raw).hex().upper()
 
 
 def builtin_network_text(*, data_dir: str, listen: int, admin: int, hsm: int, bank: int,
@@ -131,6 +148,11 @@ def builtin_network_text(*, data_dir: str, listen: int, admin: int, hsm: int, ba
     ]
     for i in range(1, 17):
         lines += ["  [[merchants.terminals]]", f'  id = "BPOS{i:04d}"', '  kind = "pos"']
+    # Terminals with a PIN key and a MAC key, for --security.
+    for i in range(1, BUILTIN_SECURE_TERMINALS + 1):
+        lines += ["  [[merchants.terminals]]", f'  id = "BSEC{i:04d}"', '  kind = "pos"',
+                  f'  tpk = "clear:{_test_key(f"bench tpk {i}")}"',
+                  f'  tak = "clear:{_test_key(f"bench tak {i}")}"']
     return "\n".join(lines) + "\n"
 
 
@@ -182,6 +204,7 @@ class Bench:
         self.children: list[Child] = []
         self.stan_next = 0
         self.runs = 0
+        self.hsm: Child | None = None     # the HSM simulator (`cardswitch up --only hsm`), if started
         per = args.warmup + args.duration + 3
         # every child stops by itself some time after the run should have ended
         self.max_seconds = int(per * (args.repeat * 3 + 10) + args.ready_timeout * 4 + 300)
@@ -208,7 +231,8 @@ class Bench:
 
     def measure(self, port: int, middle: dict[str, int], *, rate: float = 0.0,
                 duration: float | None = None, warmup: float | None = None,
-                terminals: int | None = None, network: Path | None = None) -> dict:
+                terminals: int | None = None, network: Path | None = None,
+                security: bool = False) -> dict:
         """One loadgen run; adds CPU µs per transaction of each ``middle`` process."""
         a = self.args
         duration = a.duration if duration is None else duration
@@ -220,6 +244,8 @@ class Bench:
         ]
         if network is not None:
             argv += ["--network", str(network)]
+        if security:
+            argv += ["--security"]
         self.runs += 1
         lg = Child(f"loadgen{self.runs}", argv, self.workdir)
         self.children.append(lg)
@@ -251,6 +277,8 @@ class Bench:
         report["cpu_s"] = {k: cpu1.get(k, 0.0) - cpu0.get(k, 0.0) for k in middle}
         report["cpu_us_per_txn"] = {
             k: (v / done * 1e6 if done else None) for k, v in report["cpu_s"].items()}
+        # The generator's own CPU over the window, in % of one core (summed over its processes).
+        report["loadgen_cpu_pct"] = report.get("loadgen_cpu_s", 0.0) / duration * 100 if duration else None
         return report
 
 
@@ -271,11 +299,18 @@ def summary(runs: list[dict], middle: str) -> dict:
         "max_ms": median_of(runs, "max_ms"),
         "cpu_us_per_txn": median_of(runs, "", middle),
         "bank_cpu_us_per_txn": median_of(runs, "", "bank"),
+        "hsm_cpu_us_per_txn": median_of(runs, "", "hsm"),
+        "loadgen_cpu_pct": _median([r.get("loadgen_cpu_pct") for r in runs]),
         "approved": sum(r["approved"] for r in runs),
         "completed": sum(r["completed"] for r in runs),
         "responses": _sum_dicts(r["responses"] for r in runs),
         "errors": sum(r["error_count"] for r in runs),
     }
+
+
+def _median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
 
 
 def _sum_dicts(ds) -> dict:
@@ -315,7 +350,7 @@ def start_switch(bench: Bench, net: BenchNetwork, bank_port: int) -> tuple[Child
         if not args.no_hsm:
             progress("starting the HSM simulator (cardswitch up --only hsm)")
             try:
-                bench.start("hsm", switch_command(args, net, bank_port, "hsm"))
+                bench.hsm, _ = bench.start("hsm", switch_command(args, net, bank_port, "hsm"))
             except ChildFailed as e:
                 print(f"bench: warning: no HSM simulator ({e.args[0].splitlines()[0]}); "
                       "going on without it", file=sys.stderr)
@@ -327,11 +362,12 @@ def start_switch(bench: Bench, net: BenchNetwork, bank_port: int) -> tuple[Child
     return switch, banks
 
 
-def wait_until_approving(bench: Bench, port: int, network: Path) -> dict:
+def wait_until_approving(bench: Bench, port: int, network: Path, security: bool = False) -> dict:
     """Short probes until the switch approves (its bank links may still be signing on)."""
     last: dict = {}
     for _ in range(10):
-        last = bench.measure(port, {}, duration=0.3, warmup=0.0, terminals=1, network=network)
+        last = bench.measure(port, {}, duration=0.3, warmup=0.0, terminals=1, network=network,
+                             security=security)
         if last["approved"]:
             return last
         time.sleep(0.3)
@@ -340,11 +376,32 @@ def wait_until_approving(bench: Bench, port: int, network: Path) -> dict:
         f"{last.get('responses')}, errors {last.get('errors')}")
 
 
+def security_ratios(relay_m: dict, plain: dict, secure: dict) -> dict:
+    """The PIN+MAC run against the plain one and the relay (medians)."""
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    pc, sc = plain.get("cpu_us_per_txn"), secure.get("cpu_us_per_txn")
+    return {
+        "tps_ratio": ratio(secure["tps"], plain["tps"]),
+        "cpu_ratio": ratio(sc, pc),
+        "cpu_us_added": sc - pc if sc is not None and pc is not None else None,
+        "hsm_us_per_txn": secure.get("hsm_cpu_us_per_txn"),
+        "plain_tps_to_relay": ratio(plain["tps"], relay_m["tps"]),
+        "secure_tps_to_relay": ratio(secure["tps"], relay_m["tps"]),
+    }
+
+
 # -- the report ------------------------------------------------------------------------------------
 
 
 def fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+    """``v`` formatted, or "-" in the same width."""
+    if v is None:
+        width = "".join(itertools.takewhile(str.isdigit, spec))
+        return "-".rjust(int(width or 0))
+    return format(v, spec)
 
 
 def table(result: dict) -> str:
@@ -361,13 +418,16 @@ def table(result: dict) -> str:
         f"switch banks: {'simulated issuers' if a['with_issuer_sim'] else 'instant bank'}",
         "",
         f"{'':22}{'TPS':>9}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}"
-        f"{'CPU us/txn':>12}{'approved':>10}{'errors':>8}",
+        f"{'CPU us/txn':>12}{'HSM us/txn':>12}{'approved':>10}{'errors':>8}{'gen CPU%':>10}",
     ]
+    if result.get("switch_security"):
+        rows.append(("switch, PIN+MAC", result["switch_security"]["median"]))
     for name, m in rows:
         lines.append(
             f"{name:22}{fmt(m['tps'], '9.0f')}{fmt(m['p50_ms'], '9.2f')}{fmt(m['p90_ms'], '9.2f')}"
             f"{fmt(m['p99_ms'], '9.2f')}{fmt(m['max_ms'], '9.2f')}{fmt(m['cpu_us_per_txn'], '12.1f')}"
-            f"{m['approved']:>10}{m['errors']:>8}")
+            f"{fmt(m.get('hsm_cpu_us_per_txn'), '12.1f')}"
+            f"{m['approved']:>10}{m['errors']:>8}{fmt(m.get('loadgen_cpu_pct'), '10.0f')}")
     r = result.get("ratios")
     if r:
         lines += [
@@ -379,6 +439,21 @@ def table(result: dict) -> str:
         lines.append(
             f"goal: TPS >= {GOAL_TPS_RATIO:g} x relay: {yes[g['tps_ratio_ok']]};  "
             f"p99 < {GOAL_P99_MS:g} ms at half peak rate: {yes[g['p99_ok']]}")
+    sec = result.get("security")
+    if sec:
+        lines += [
+            "",
+            f"security (PIN block + MAC on every request, response MAC'd): "
+            f"TPS with/without {fmt(sec['tps_ratio'], '.3f')}, "
+            f"switch CPU per transaction with/without {fmt(sec['cpu_ratio'], '.2f')}x "
+            f"(+{fmt(sec['cpu_us_added'], '.0f')} us, and {fmt(sec['hsm_us_per_txn'], '.0f')} us in the HSM)",
+            f"  against the relay: without {fmt(sec['plain_tps_to_relay'], '.3f')}, "
+            f"with {fmt(sec['secure_tps_to_relay'], '.3f')}",
+        ]
+        busy = [name for name, m in rows if (m.get("loadgen_cpu_pct") or 0) > 80 * a["procs"]]
+        if busy:
+            lines.append(f"warning: the load generator used over 80% of a core per process in: "
+                         f"{', '.join(busy)}; it may be the bottleneck (try --procs 2)")
     not_ok = [name for name, m in rows if m["responses"].keys() - {"00"} or m["errors"]]
     if not_ok:
         lines.append(f"warning: not every request was approved in: {', '.join(not_ok)} (see latest.json)")
@@ -393,7 +468,7 @@ def run(args) -> dict:
         "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()},
         "config": {k: getattr(args, k) for k in (
             "terminals", "procs", "duration", "warmup", "repeat", "amount", "with_issuer_sim",
-            "bench_network", "switch_cmd")},
+            "bench_network", "switch_cmd", "security")},
     }
     try:
         progress("starting the instant bank")
@@ -416,6 +491,8 @@ def run(args) -> dict:
             switch, banks = start_switch(bench, net, bank_port)
             # "bank": the instant bank, or the simulated issuers (for information)
             middle = {"switch": switch.pid, "bank": (banks or bank).pid}
+            if bench.hsm is not None:
+                middle["hsm"] = bench.hsm.pid
             wait_until_approving(bench, net.listen_port, net.path)
             runs = repeated(bench, "switch", net.listen_port, middle, network=net.path)
             peak = summary(runs, "switch")
@@ -436,6 +513,13 @@ def run(args) -> dict:
                 "p99_ok": None if half_p99 is None else half_p99 < GOAL_P99_MS,
                 "half_rate_p99_ms": half_p99,
             }
+            if args.security:
+                wait_until_approving(bench, net.listen_port, net.path, security=True)
+                runs = repeated(bench, "switch, PIN+MAC", net.listen_port, middle, network=net.path,
+                                security=True)
+                secure = summary(runs, "switch")
+                result["switch_security"] = {"runs": runs, "median": secure}
+                result["security"] = security_ratios(relay_m, peak, secure)
     finally:
         bench.stop_all()
         if args.keep:
@@ -464,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
                          "it must print a line starting with 'ready'")
     ap.add_argument("--no-hsm", action="store_true", help="do not start `cardswitch up --only hsm`")
     ap.add_argument("--skip-switch", action="store_true", help="measure the relay baseline only")
+    ap.add_argument("--security", action="store_true",
+                    help="also measure the switch with a PIN block and a MAC on every request "
+                         "(terminals with a TPK and TAK) and compare with the plain purchases")
     ap.add_argument("--ready-timeout", type=float, default=60.0, help="seconds to wait for 'ready'")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, network file)")

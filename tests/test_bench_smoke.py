@@ -188,6 +188,64 @@ def test_loadgen_template_is_a_valid_purchase_with_patched_fields():
         "6221260000000018", "3912", "POS00001", "898440154110001", "156", "000007")
 
 
+def _mac(tak: bytes, data: bytes) -> str:
+    import warnings
+
+    import psec.mac
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return psec.mac.generate_retail_mac(tak[:8], tak[8:], bytes(data), 1).hex().upper()
+
+
+def _clear_pin(block_hex: str, tpk: bytes, pan: str) -> str:
+    import warnings
+
+    import psec.des
+    import psec.pinblock
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return psec.pinblock.decode_pinblock_iso_0(psec.des.decrypt_tdes_ecb(tpk, bytes.fromhex(block_hex)), pan)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.from_regex(r"\A[0-9]{10}\Z"), st.integers(1, 999999), st.binary(min_size=16, max_size=16))
+def test_loadgen_security_template_macs_each_request_over_its_patched_bytes(f7, stan, tak):
+    """--security: field 52 as built, field 64 recomputed per request (checked with psec)."""
+    ident = loadgen.Identity("POS00001", "898440158120001", "156", "6221260000000018", "3012",
+                             "0123456789ABCDEF", tak)
+    t = loadgen.Template(ident, 500, "000001")
+    values = (f7.encode(), b"%06d" % stan, f7[4:].encode(), f7[:4].encode())
+    frame = t.frame(values)
+    assert int.from_bytes(frame[:2], "big") == len(frame) - 2
+    msg = decode(frame[2:])
+    assert (msg["7"], msg["11"], msg["12"], msg["13"]) == (f7, "%06d" % stan, f7[4:], f7[:4])
+    assert msg["52"] == "0123456789ABCDEF" and msg["22"] == "011"
+    assert msg["64"] == _mac(tak, frame[2:-16])
+    assert frame.endswith(msg["64"].encode())
+
+
+def test_loadgen_security_identities_carry_pin_blocks_under_their_terminals_tpk(tmp_path):
+    import run
+    from cardswitch.netfile import load_network
+
+    path = tmp_path / "net.toml"
+    path.write_text(run.builtin_network_text(data_dir=str(tmp_path / "data"), listen=18583, admin=18580,
+                                             hsm=11500, bank=19101, simulate=False))
+    net = load_network(str(path))
+    keys = {t.id: (t.tpk.clear_bytes(), t.tak.clear_bytes()) for t in net.terminals() if t.tak is not None}
+    pins = {c.pan: c.pin for b in net.banks for c in b.cards}
+    idents = loadgen.network_identities(str(path), 20, 100, security=True)
+    assert len({i.terminal_id for i in idents}) == run.BUILTIN_SECURE_TERMINALS == len(keys)
+    for i in idents:
+        tpk, tak = keys[i.terminal_id]
+        assert i.tak == tak
+        assert _clear_pin(i.pin_block, tpk, i.pan) == pins[i.pan]
+    plain = loadgen.network_identities(str(path), 20, 100)
+    assert all(not i.tak and not i.pin_block and i.terminal_id not in keys for i in plain)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 40), st.integers(1, 12), st.integers(0, 999998), st.integers(1, 50))
 def test_loadgen_stans_never_repeat_for_one_terminal_id(n_terminals, n_ids, base, per_terminal):
@@ -310,3 +368,26 @@ def test_run_orchestrates_baseline_switch_and_half_rate(tmp_path):
     assert result["switch_half_rate"]["runs"][0]["rate"] == pytest.approx(result["switch_half_rate"]["rate"])
     assert set(result["ratios"]) == {"tps", "cpu_per_txn"}
     assert set(result["goal"]) >= {"tps_ratio_ok", "p99_ok"}
+    assert "switch_security" not in result
+
+
+def test_run_security_compares_pin_and_mac_load_with_plain(tmp_path):
+    """--security: the same orchestration plus a PIN+MAC run (the relay stands in for the switch)."""
+    out_file = tmp_path / "latest.json"
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "run.py"), "--terminals", "4", "--duration", "0.5", "--warmup", "0.2",
+         "--repeat", "1", "--bench-network", "builtin", "--out", str(out_file), "--security",
+         "--switch-cmd", "{python} {bench}/relay.py --listen {listen_port} --upstream 127.0.0.1:{bank_port}"],
+        capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "switch, PIN+MAC" in out.stdout and "TPS with/without" in out.stdout
+    result = json.loads(out_file.read_text())
+    assert result["config"]["security"] is True
+    m = result["switch_security"]["median"]
+    assert m["completed"] > 0 and m["approved"] == m["completed"] and m["errors"] == 0
+    assert m["loadgen_cpu_pct"] is not None and m["loadgen_cpu_pct"] >= 0
+    assert result["switch_security"]["runs"][0]["security"] is True
+    assert result["switch"]["runs"][0]["security"] is False
+    sec = result["security"]
+    assert sec["tps_ratio"] == pytest.approx(m["tps"] / result["switch"]["median"]["tps"])
+    assert sec["secure_tps_to_relay"] == pytest.approx(m["tps"] / result["relay"]["median"]["tps"])

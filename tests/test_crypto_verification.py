@@ -60,7 +60,19 @@ def test_cvv_depends_on_service_code():
 @given(key=keys16, pan=st.text(digits, min_size=12, max_size=19),
        expiry=st.text(digits, min_size=4, max_size=4), sc=st.text(digits, min_size=3, max_size=3))
 def test_cvv_matches_psec(key, pan, expiry, sc):
-    assert cvv(key, pan, expiry, sc) == oracle(psec.cvv.generate_cvv, key, pan, expiry, sc)
+    ours, theirs = cvv(key, pan, expiry, sc), oracle(psec.cvv.generate_cvv, key, pan, expiry, sc)
+    if len(theirs) < 3:
+        # psec stops when the digits of the result run out; the Visa method goes
+        # on with the hex letters A-F as 0-5. Our digits must extend psec's.
+        assert ours.startswith(theirs) and len(ours) == 3
+    else:
+        assert ours == theirs
+
+
+def test_cvv_takes_letters_when_digits_run_out():
+    """The case psec gets short (found by hypothesis): three digits, the last from a letter."""
+    key = bytes.fromhex("28FE3CCCD670425406FAAC2EBCFAFA7C")
+    assert cvv(key, "000000000000", "9956", "000") == "215"
 
 
 # -- PVV -----------------------------------------------------------------------

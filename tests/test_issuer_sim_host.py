@@ -1,4 +1,7 @@
-"""IssuerHost over real TCP (free ports), persistence across restarts, and the day export."""
+"""IssuerHost over real TCP (free ports), persistence across restarts, and the day export.
+
+Each host verifies PINs through a real HSM simulator on a free port
+(test_issuer_sim_hsm.py covers the security checks over TCP)."""
 
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ import iso8583.specs
 import pytest
 import uvloop
 
-from cardswitch.config import Card, HsmConfig, LinkOptions, Network, SwitchConfig
+from cardswitch.config import Card, Endpoint, HsmConfig, LinkOptions, Network, SwitchConfig
+from cardswitch.hsm_sim.server import HsmServer
 from cardswitch.crypto import mac_alg3
 from cardswitch.iso8583.constants import RC, F
 from cardswitch.iso8583.dialect import get_dialect
@@ -89,9 +93,29 @@ class Client:
             pass
 
 
-async def started(tmp_path: Path, bank=None, **kw) -> IssuerHost:
+async def started(tmp_path: Path, bank=None, *, with_hsm: bool = True, **kw) -> IssuerHost:
+    """A started host; ``with_hsm``: with its own HSM simulator (port 0), stopped with it."""
+    hsm = None
+    if with_hsm and "hsm" not in kw:
+        hsm = HsmServer()
+        await hsm.start()
+        kw["hsm"] = Endpoint("127.0.0.1", hsm.port)
     host = IssuerHost(bank or make_bank(), tmp_path, clock=clock, **kw)
-    await host.start()
+    try:
+        await host.start()
+    except BaseException:
+        if hsm is not None:
+            await hsm.stop()
+        raise
+    host.hsm_server = hsm
+    if hsm is not None:
+        stop = host.stop
+
+        async def stop_both() -> None:
+            await stop()
+            await hsm.stop()
+
+        host.stop = stop_both
     return host
 
 
@@ -269,17 +293,23 @@ def test_mac_on_the_link(tmp_path):
 def test_run_banks_starts_every_simulated_bank(tmp_path):
     banks = (make_bank(bank_id="BANKA"), make_bank(bank_id="BANKB"),
              make_bank(bank_id="BANKC", simulate=False))
-    net = Network(switch=SwitchConfig(data_dir=str(tmp_path)), hsm=HsmConfig(), banks=banks, merchants=())
 
     async def main():
+        hsm = HsmServer()
+        await hsm.start()
+        net = Network(switch=SwitchConfig(data_dir=str(tmp_path)),
+                      hsm=HsmConfig(listen=Endpoint("127.0.0.1", hsm.port)), banks=banks, merchants=())
         seen = asyncio.get_running_loop().create_future()
         task = asyncio.ensure_future(run_banks(net, ready=lambda hosts: seen.set_result(hosts)))
         hosts = await asyncio.wait_for(seen, 10)
         assert [h.bank.id for h in hosts] == ["BANKA", "BANKB"]
         for h in hosts:
+            assert h.hsm == net.hsm.listen        # each bank verifies with the network's HSM
             c = await Client.connect(h.port)
             assert (await c.call(request("0200", "000000", RICH, 1)))[F.RESPONSE_CODE] == RC.APPROVED
+            assert (await c.call(request("0200", "000000", RICH, 1, pin="1234")))[F.RESPONSE_CODE] == RC.APPROVED
             await c.close()
+        assert hsm.stats.requests("EC") == 2
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -294,6 +324,7 @@ def test_run_banks_starts_every_simulated_bank(tmp_path):
             await task
         with pytest.raises(ValueError):
             await run_banks(net, tmp_path, bank_ids=["NOPE"])
+        await hsm.stop()
 
     asyncio.run(main())
 
@@ -304,7 +335,7 @@ def test_port_in_use_is_a_clear_error(tmp_path):
         try:
             bank = make_bank(port=first.port, bank_id="BANKB")
             with pytest.raises(OSError, match=f"BANKB: cannot listen on 127.0.0.1:{first.port}"):
-                await IssuerHost(bank, tmp_path).start()
+                await IssuerHost(bank, tmp_path, hsm=first.hsm).start()
         finally:
             await first.stop()
 
@@ -437,8 +468,12 @@ def test_database_holds_no_full_pan_pin_or_pin_block(tmp_path):
     assert block.encode() not in blob and block.lower().encode() not in blob
     con = sqlite3.connect(db_path(tmp_path, "BANKA"))
     cols = [r[1] for r in con.execute("PRAGMA table_info(cards)")]
-    assert "pin" not in cols
+    assert "pin" not in cols and "pvv" in cols and "pin_offset" in cols
     con.close()
+    # nor a clear key (the PVK, CVK and MK-AC are used at start-up or handed to the HSM)
+    bank = make_bank()
+    for k in (bank.zpk, bank.pvk, bank.cvk, bank.mk_ac):
+        assert k.text[6:].encode() not in blob and k.text[6:].lower().encode() not in blob
 
 
 # -- export -----------------------------------------------------------------------------

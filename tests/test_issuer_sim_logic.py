@@ -1,4 +1,8 @@
-"""IssuerLogic: every answer code and every ledger movement, without sockets or files."""
+"""IssuerLogic: every answer code and every ledger movement, without sockets or files.
+
+PINs are verified by the fake verifier of the support module (the HSM's
+commands done in-process); test_issuer_sim_security.py covers the checks
+themselves."""
 
 from __future__ import annotations
 
@@ -14,8 +18,10 @@ from cardswitch.issuer_sim.ledger import (
     business_date,
     format_balances,
 )
+from cardswitch.issuer_sim.cards import track2_for
 from test_issuer_sim_support import (
     BLOCKED,
+    CARD,
     CARDS,
     EXPIRED,
     FRIEND,
@@ -28,21 +34,19 @@ from test_issuer_sim_support import (
     SLOW,
     STOLEN,
     UNKNOWN_OWN,
-    ZPK,
     field90,
     make_bank,
+    make_logic,
     next_day,
     request,
     reversal,
+    run,
 )
-
-SECRET = b"k" * 32
 
 
 @pytest.fixture
 def logic() -> IssuerLogic:
-    bank = make_bank()
-    return IssuerLogic(bank.id, bank.bins, SECRET, ZPK, [Account.from_card(c, SECRET) for c in CARDS])
+    return make_logic()
 
 
 def acct(logic: IssuerLogic, pan: str) -> Account:
@@ -52,7 +56,7 @@ def acct(logic: IssuerLogic, pan: str) -> Account:
 
 
 def answer(logic: IssuerLogic, msg: dict, now=NOW) -> dict:
-    out = logic.handle(msg, now)
+    out = run(logic.process(msg, now))
     assert out.response is not None
     return out.response
 
@@ -65,7 +69,7 @@ def rc_of(logic: IssuerLogic, msg: dict, now=NOW) -> str:
 
 def test_purchase_approved_debits_and_echoes(logic):
     msg = request("0200", "000000", RICH, 12_345, pin="1234")
-    out = logic.handle(msg, NOW)
+    out = run(logic.process(msg, NOW))
     r = out.response
     assert r[F.MTI] == "0210"
     assert r[F.RESPONSE_CODE] == RC.APPROVED
@@ -164,9 +168,10 @@ def test_expiry_month_itself_is_still_valid(logic):
 
 
 def test_track2_gives_pan_and_expiry(logic):
-    msg = request("0200", "000000", None, 100, **{F.TRACK2: f"{RICH}=28121010000000000"})
+    bank = make_bank()
+    msg = request("0200", "000000", None, 100, **{F.TRACK2: track2_for(CARD[RICH], bank)})
     assert rc_of(logic, msg) == RC.APPROVED
-    msg = request("0200", "000000", None, 100, **{F.TRACK2: f"{RICH}=27121010000000000"})
+    msg = request("0200", "000000", None, 100, **{F.TRACK2: track2_for(CARD[RICH], bank, expiry="2712")})
     assert rc_of(logic, msg) == RC.EXPIRED_CARD
 
 
@@ -582,7 +587,7 @@ def test_logs_never_hold_a_full_pan(logic, caplog):
               request("0200", "000000", UNKNOWN_OWN, 1), request("0220", "990000", RICH, 1),
               request("0200", "000000", RICH, 1, **{F.AMOUNT: "x"}),
               request("0200", "400000", RICH, 5, **{F.ACCOUNT_2: FRIEND})):
-        logic.handle(m, NOW)
+        run(logic.process(m, NOW))
     assert caplog.records
     text = "\n".join(r.getMessage() for r in caplog.records)
     for card in CARDS:
@@ -618,8 +623,7 @@ _ops = st.one_of(
 @settings(max_examples=150, deadline=None)
 @given(ops=st.lists(_ops, max_size=40))
 def test_balances_always_equal_the_standing_records(ops):
-    bank = make_bank()
-    logic = IssuerLogic(bank.id, bank.bins, SECRET, ZPK, [Account.from_card(c, SECRET) for c in CARDS])
+    logic = make_logic()
     opening = {a.token: a.balance for a in logic.accounts.values()}
     sent: list[dict] = []
     answers: dict[str, dict] = {}
@@ -627,7 +631,7 @@ def test_balances_always_equal_the_standing_records(ops):
 
     def send(m):
         before = {t: (a.balance, a.held) for t, a in logic.accounts.items()}
-        out = logic.handle(m, NOW)
+        out = run(logic.process(m, NOW))
         if out.replay:
             assert out.response == answers[m[F.STAN]]
             assert before == {t: (a.balance, a.held) for t, a in logic.accounts.items()}

@@ -525,7 +525,8 @@ def test_clear_keys_refused_in_live_mode():
 
 
 def test_keys_under_lmk_accepted_in_live_mode():
-    text = _live(BASE)
+    # live cards carry their PVV (nothing can be computed from a PIN there)
+    text = re.sub(r'(  pin = "\d+"\n)', r'\1  pvv = "0000"\n', _live(BASE))
     lmk = iter(["U" + "1" * 32, "T" + "A" * 48, "0406FBB23A5214DF", "U" + "b" * 32,
                 "U" + "2" * 32, "U" + "3" * 32, "U" + "4" * 32, "U" + "5" * 32])
     text = re.sub(r'"clear:[0-9A-F]+"', lambda m: f'"{next(lmk)}"', text)

@@ -216,10 +216,10 @@ def _odd(b: int) -> int:
 
 
 @st.composite
-def keys(draw, allow_none=True):
+def keys(draw, allow_none=True, lengths=(8, 16, 24)):
     if allow_none and draw(st.booleans()):
         return None
-    n = draw(st.sampled_from([8, 16, 24]))
+    n = draw(st.sampled_from(lengths))
     raw = bytes(_odd(x) for x in draw(st.binary(min_size=n, max_size=n)))
     return Key("clear:" + raw.hex().upper())
 
@@ -251,10 +251,17 @@ def networks(draw):
         cards = []
         for ci in range(draw(st.integers(0, 3))):
             body = lead + "00" + f"{ci:04d}" + draw(st.text(alphabet="0123456789", min_size=5, max_size=11))
+            method = draw(st.sampled_from(["pvv", "ibm"]))
+            # a PIN (the bank computes its PVV/offset), or the PVV/offset alone
+            given = draw(st.booleans())
+            pin = None if given else draw(st.text(alphabet="0123456789", min_size=4, max_size=12))
+            pvv = draw(st.text(alphabet="0123456789", min_size=4, max_size=4)) if given and method == "pvv" else ""
+            offset = (draw(st.text(alphabet="0123456789", min_size=4, max_size=12))
+                      if given and method == "ibm" else "")
             cards.append(Card(
                 pan=body + luhn_check_digit(body),
                 expiry=f"{draw(st.integers(0, 99)):02d}{draw(st.integers(1, 12)):02d}",
-                pin=draw(st.text(alphabet="0123456789", min_size=4, max_size=12)),
+                pin=pin, pin_method=method, pvv=pvv, pin_offset=offset,
                 balance=draw(MONEY),
                 currency=draw(st.sampled_from(["156", "840"])),
                 status=draw(st.sampled_from(["active", "lost", "stolen", "blocked"])),
@@ -267,6 +274,7 @@ def networks(draw):
             id=f"B{bi}" + draw(IDS), institution_id=f"{bi + 1}{draw(st.integers(0, 10**9))}",
             name=draw(NAMES), hosts=hosts, simulate=draw(st.booleans()),
             zpk=draw(keys()), zak=draw(keys()),
+            pvk=draw(keys(lengths=(16,))), cvk=draw(keys(lengths=(16,))), mk_ac=draw(keys(lengths=(16,))),
             interchange_bps=draw(st.integers(0, 10000)), debit_cap=draw(MONEY), atm_fee=draw(MONEY),
             stand_in=StandIn(draw(MONEY)), bins=tuple(bins), cards=tuple(cards),
             link=draw(st.one_of(st.just(switch_link), links())),

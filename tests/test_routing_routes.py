@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cardswitch.config import BinRange, Endpoint
 from cardswitch.iso8583.constants import RC
@@ -132,6 +134,47 @@ def test_mark_attempt_does_nothing_when_healthy_or_probe_not_due():
     h.mark_failure(0.0)
     h.mark_attempt(3.0)
     assert h.retry_at == 10.0
+
+
+def test_mark_down_is_unhealthy_at_once_and_pushes_the_probe_out():
+    h = EndpointHealth(failure_threshold=3, probe_interval=10)
+    assert h.mark_down(5.0)                # one conclusive failure: no threshold to reach
+    assert h.state == UNHEALTHY and h.changed_at == 5.0 and h.failures == 1
+    assert not h.usable(14.9) and h.usable(15.0)
+    assert not h.mark_down(15.0)           # a failed probe: still down, next probe later
+    assert h.retry_at == 25.0 and h.changed_at == 5.0
+    assert h.mark_success(25.0) and h.healthy and h.failures == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=st.lists(st.tuples(st.sampled_from(["fail", "down", "ok", "attempt"]),
+                                 st.floats(0, 5, allow_nan=False)), max_size=40),
+       threshold=st.integers(1, 5), interval=st.floats(0, 20, allow_nan=False))
+def test_health_model(events, threshold, interval):
+    """Against a plain model: unhealthy exactly when the last success was followed by
+    a down or by ``threshold`` failures; usable when healthy or a probe is due."""
+    h = EndpointHealth(threshold, interval)
+    now, failures, down, retry_at = 0.0, 0, False, 0.0
+    for kind, dt in events:
+        now += dt
+        if kind == "ok":
+            h.mark_success(now)
+            failures, down = 0, False
+        elif kind == "fail":
+            h.mark_failure(now)
+            failures += 1
+            if down or failures >= threshold:
+                down, retry_at = True, now + interval
+        elif kind == "down":
+            h.mark_down(now)
+            failures += 1
+            down, retry_at = True, now + interval
+        else:
+            h.mark_attempt(now)
+            if down and now >= retry_at:
+                retry_at = now + interval
+        assert h.healthy == (not down) and h.failures == failures
+        assert h.usable(now) == (not down or now >= retry_at)
 
 
 def test_bad_parameters_refused():

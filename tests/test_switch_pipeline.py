@@ -1,11 +1,13 @@
 """The transaction pipeline end to end, without sockets.
 
 A real ``Context`` from the default network, a real ``Journal`` on tmp_path,
-and one fake bank link per bank: ``request(msg, timeout_s)`` stamps its own
-STAN into ``msg["11"]`` (as ``BankLink`` does), keeps a copy of what was sent
+and one fake bank link per bank: ``reserve_stan()`` gives the link's next
+STAN (the pipeline journals it before sending), ``request(msg, timeout_s,
+stan=)`` sends with it (as ``BankLink`` does), keeps a copy of what was sent
 and answers from a script (an 0x10 dict, or it raises ``LinkDown`` /
-``LinkTimeout``). pytest-asyncio is not installed: each test runs one
-``asyncio.run``.
+``LinkTimeout``). Reversals go through the store-and-forward queue:
+``pipeline.drain()`` waits for their delivery. pytest-asyncio is not
+installed: each test runs one ``asyncio.run``.
 """
 
 from __future__ import annotations
@@ -61,7 +63,10 @@ def approve(msg: dict) -> dict:
 
 
 class FakeLink:
-    """Stands in for BankLink: stamps 11, records what was sent, answers from a script."""
+    """Stands in for BankLink: reserves and stamps 11, records what was sent,
+    answers from a script. Always online (the store-and-forward worker asks)."""
+
+    online = True
 
     def __init__(self, bank_id: str) -> None:
         self.bank_id = bank_id
@@ -77,11 +82,16 @@ class FakeLink:
     def advices(self) -> list[dict]:
         return [m for m in self.sent if m[F.MTI] in ("0420", "0421")]
 
-    async def request(self, msg: dict, timeout_s: float) -> dict:
-        msg[F.STAN] = f"{next(self._stan):06d}"
+    def reserve_stan(self) -> str:
+        return f"{next(self._stan):06d}"
+
+    async def wait_online(self, timeout: float | None = None) -> bool:
+        return self.online
+
+    async def request(self, msg: dict, timeout_s: float, stan: str | None = None) -> dict:
+        msg[F.STAN] = stan or self.reserve_stan()
         result = self.script(msg)
-        if isinstance(result, LinkDown):          # nothing sent: BankLink raises before stamping 11
-            del msg[F.STAN]
+        if isinstance(result, LinkDown):          # nothing sent
             raise result
         self.sent.append(dict(msg))
         if self.arrived is not None:
@@ -145,6 +155,7 @@ def run(tmp_path, network, body: Callable[[Harness], Awaitable[None]]) -> None:
             await body(h)
         finally:
             await h.pipeline.drain()
+            await h.pipeline.stop()
             h.close()
 
     asyncio.run(main())
@@ -546,6 +557,7 @@ def test_duplicate_does_not_hide_its_original_after_restart(tmp_path, network):
         assert (await h.handle(req))[F.RESPONSE_CODE] == RC.DUPLICATE
         issuer_stan = h.links["BANKA"].sent[0][F.STAN]
         await h.pipeline.drain()
+        await h.pipeline.stop()
         h.close()
         h2 = Harness(tmp_path, network)                      # restart on the same journal
         try:
@@ -557,6 +569,7 @@ def test_duplicate_does_not_hide_its_original_after_restart(tmp_path, network):
             assert parse_field90(adv[F.ORIGINAL_DATA]).stan == issuer_stan
         finally:
             await h2.pipeline.drain()
+            await h2.pipeline.stop()
             h2.close()
 
     async def main():
@@ -564,6 +577,7 @@ def test_duplicate_does_not_hide_its_original_after_restart(tmp_path, network):
         try:
             await body(h)
         finally:
+            await h.pipeline.stop()
             h.close()
 
     asyncio.run(main())
@@ -756,6 +770,7 @@ def test_repeat_after_restart_gets_the_same_response(tmp_path, network):
         req = request("0200", "011000", stan="000079", tid=ATM, mid=ATM_MID, amount=20000)
         first = await h.handle(req)
         await h.pipeline.drain()
+        await h.pipeline.stop()
         h.close()
         h2 = Harness(tmp_path, network)
         try:
@@ -764,6 +779,7 @@ def test_repeat_after_restart_gets_the_same_response(tmp_path, network):
             assert h2.links["BANKA"].sent == []
         finally:
             await h2.pipeline.drain()
+            await h2.pipeline.stop()
             h2.close()
 
     asyncio.run(main())

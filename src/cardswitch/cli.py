@@ -76,7 +76,7 @@ def _accepting(ep: Endpoint) -> bool:
 
 def _part_endpoints(net: Network, part: str) -> list[Endpoint]:
     if part == "switch":
-        return [net.switch.listen]
+        return [net.switch.listen, net.switch.admin]
     if part == "banks":
         return [b.host for b in net.banks if b.simulate]
     if part == "hsm":
@@ -321,7 +321,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_cutover)
 
     sp = sub.add_parser("demo", help="run a business day on the demo network and print the results")
-    sp.add_argument("--keep", action="store_true", help="keep the demo's data directory")
     sp.set_defaults(func=cmd_demo)
 
     isim = sub.add_parser("issuer-sim", help="simulated issuer tools")
@@ -331,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--date", required=True, help="business date YYYY-MM-DD")
     sp.add_argument("--out", required=True)
     sp.set_defaults(func=cmd_issuer_export)
+
+    from cardswitch.settlement.commands import add_settlement_commands
+
+    add_settlement_commands(sub, with_config)   # settle, reconcile
     return p
 
 

@@ -57,7 +57,13 @@ class LinkOptions:
 
 @dataclass(slots=True, frozen=True)
 class StandIn:
+    """When the switch may approve on a bank's behalf while it is unreachable
+    (``cardswitch.switch.standin`` applies it; docs/operations.md)."""
+
     max_amount: int = 0             # 0 = no stand-in for this bank
+    daily_count: int = 0            # stand-in approvals per card per business date; 0 = no limit
+    daily_amount: int = 0           # their total amount per card per business date; 0 = no limit
+    allowed: str = "00"             # transaction types (field 3 positions 1-2), comma-separated
 
 
 @dataclass(slots=True, frozen=True)
@@ -75,7 +81,9 @@ class SwitchConfig:
     mode: str = "test"              # "test" | "live"
     switch_fee: int = 0
     echo_interval_ms: int = 30000   # idle time before an echo test on a bank link
+    saf_max_age_s: int = 86400      # a store-and-forward advice undelivered this long is parked (alert)
     token_key: str = ""             # secret for PAN tokens; generated under data_dir when empty
+    admin_token: str = ""           # bearer token for state-changing admin calls; generated under data_dir when empty
     link: LinkOptions = LinkOptions()
 
 

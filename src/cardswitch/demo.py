@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -272,11 +270,46 @@ def summary(outcomes: list[Outcome], batches: list[tuple[str, str, str]]) -> str
     return "\n".join(lines)
 
 
+def _operator(net_file: Path, *argv: str) -> tuple[int, str]:
+    """Run one `cardswitch` command as an operator would; its exit code and output."""
+    p = subprocess.run([sys.executable, "-m", "cardswitch.cli", *argv, "-c", str(net_file)],
+                       capture_output=True, text=True)
+    return p.returncode, (p.stdout + p.stderr).rstrip()
+
+
+def end_of_day(net: Network, net_file: Path) -> bool:
+    """Cutover, settlement, and reconciliation of every simulated bank."""
+    print("\n$ cardswitch cutover", flush=True)
+    rc, out = _operator(net_file, "cutover")
+    print(out)
+    if rc != 0 or "->" not in out:
+        return False
+    day = out.split()[2]                         # "business date A -> B"
+    print(f"\n$ cardswitch settle --date {day}", flush=True)
+    rc, out = _operator(net_file, "settle", "--date", day)
+    print(out)
+    ok = rc == 0
+    for bank in net.banks:
+        if not bank.simulate:
+            continue
+        export = Path(net.switch.data_dir) / "settlement" / day / f"issuer_{bank.id}.csv"
+        rc1, out1 = _operator(net_file, "issuer-sim", "export", "--issuer", bank.id, "--date", day,
+                              "--out", str(export))
+        rc2, out2 = _operator(net_file, "reconcile", "--date", day, "--issuer", bank.id, "--file", str(export))
+        print(f"\n$ cardswitch reconcile --date {day} --issuer {bank.id} --file {export.name}")
+        print(out2 if rc1 == 0 else out1)
+        ok = ok and rc1 == 0 and rc2 == 0
+    return ok
+
+
 def run_demo(args) -> int:
     from cardswitch.netfile import dump_network, load_network, with_ports
 
-    work = Path(tempfile.mkdtemp(prefix="cardswitch-demo-"))
-    net = with_ports(load_network(None), data_dir=str(work / "var"))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    work = Path("var") / f"demo-{stamp}"
+    work.mkdir(parents=True, exist_ok=True)
+    work = work.resolve()
+    net = with_ports(load_network(None), data_dir=str(work))
     netfile = work / "network.toml"
     netfile.write_text(dump_network(net))
     print(f"demo network: {len(net.banks)} banks, {len(net.merchants)} merchants, "
@@ -292,6 +325,8 @@ def run_demo(args) -> int:
             return 1
         print("network ready; running the day ...", flush=True)
         code = asyncio.run(_day(net))
+        if code == 0 and not end_of_day(net, netfile):
+            code = 1
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -300,10 +335,10 @@ def run_demo(args) -> int:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
         log.close()
-        if not args.keep and code == 0:
-            shutil.rmtree(work, ignore_errors=True)
-        elif code == 0:
-            print(f"kept {work}")
+    if code == 0:
+        print(f"\nthe day's files (journal, bank ledgers, settlement, report) are in {work}")
+    else:
+        print(f"\nsomething differed from what was expected; logs in {work / 'network.log'}", file=sys.stderr)
     return code
 
 

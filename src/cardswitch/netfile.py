@@ -29,6 +29,14 @@ Meaning of a few values, where the file leaves something implicit:
   to its own bank by those rules.
 - Cards are kept for banks with ``simulate = false`` too (load generators
   take PANs from them); only the simulator gives them balances.
+- Issuer keys of a bank (``pvk``, ``cvk``, ``mk_ac``) are double length:
+  ``"clear:"`` + 32 hex (mode ``test``) or ``"U"`` + 32 hex under the LMK.
+- A card's PIN: ``pin_method`` ``"pvv"`` (default) or ``"ibm"``. The bank
+  verifies with the card's PVV / IBM offset, computed from ``pin`` at load
+  with a clear PVK, or given as ``pvv`` / ``pin_offset``. In live mode the
+  PVK is under the LMK, so a card must give ``pvv`` (or ``pin_offset``);
+  ``pin`` is then optional (load generators use it). A card that gives both
+  under a clear PVK must be consistent.
 
 Also here: ``describe`` (what ``cardswitch check`` prints), ``dump_network``
 (a Network back to TOML text that reads back equal), ``with_ports`` and
@@ -53,6 +61,7 @@ from importlib import resources
 from typing import Any, NoReturn
 
 from cardswitch.config import (
+    PIN_METHODS,
     Bank,
     BinRange,
     Card,
@@ -554,10 +563,13 @@ def _odd_parity(b: int) -> bool:
     return bin(b).count("1") % 2 == 1
 
 
-def _key_check(live: bool) -> Any:
+def _key_check(live: bool, double: bool = False) -> Any:
+    """Keys as the file writes them; ``double``: only double length (issuer keys)."""
     def check(v: str) -> Key:
         if v.startswith("clear:"):
             h = v[6:]
+            if double and (len(h) != 32 or not _HEX.fullmatch(h)):
+                raise _Invalid('a clear key here is "clear:" then 32 hex digits (double length)')
             if len(h) not in (16, 32, 48) or not _HEX.fullmatch(h):
                 raise _Invalid('a clear key is "clear:" then 16, 32 or 48 hex digits')
             if live:
@@ -567,6 +579,10 @@ def _key_check(live: bool) -> Any:
                     raise _Invalid(f"key fails the odd parity check (byte {i + 1} of {len(h) // 2})")
             return Key(v)
         body, want = (v[1:], 32) if v[:1] == "U" else (v[1:], 48) if v[:1] == "T" else (v, 16)
+        if double and (v[:1] != "U" or len(body) != want or not _HEX.fullmatch(body)):
+            raise _Invalid(
+                'not a double-length key: "clear:" + 32 hex (mode = "test"), or under the LMK: "U" + 32 hex'
+            )
         if len(body) != want or not _HEX.fullmatch(body):
             raise _Invalid(
                 'not a key: "clear:" + 16/32/48 hex (mode = "test"), or a key under the LMK: '
@@ -604,15 +620,18 @@ _LINK_KEYS = ("dialect", "framing", "header", "max_frame", "read_timeout_ms")
 _SWITCH_KEYS = (
     "institution_id", "listen", "admin", "data_dir", "journal", "redis", "mqtt",
     "issuer_timeout_ms", "cutover", "timezone", "mode", "switch_fee",
-    "echo_interval_ms", "token_key",
+    "echo_interval_ms", "token_key", "admin_token", "saf_max_age_s",
 ) + _LINK_KEYS
 _HSM_KEYS = ("listen", "simulate", "lmk_file")
+_ISSUER_KEYS = ("pvk", "cvk", "mk_ac")     # double length, the bank's own
 _BANK_KEYS = (
     "id", "institution_id", "name", "host", "hosts", "simulate", "zpk", "zak",
+) + _ISSUER_KEYS + (
     "interchange_bps", "debit_cap", "atm_fee", "stand_in", "bins", "cards",
 ) + _LINK_KEYS
 _BIN_KEYS = ("range", "card_type", "priority")
-_CARD_KEYS = ("pan", "expiry", "pin", "balance", "currency", "status", "daily_withdrawal_limit", "delay_ms")
+_CARD_KEYS = ("pan", "expiry", "pin", "balance", "currency", "status", "daily_withdrawal_limit", "delay_ms",
+              "pin_method", "pvv", "pin_offset")
 _MERCHANT_KEYS = (
     "id", "acquirer", "name", "city", "mcc", "mdr_bps", "debit_cap", "min_fee",
     "currency", "enabled", "terminals",
@@ -659,6 +678,8 @@ def _read_switch(r: _Reader, data: Any) -> SwitchConfig:
         switch_fee=t.money("switch_fee", d.switch_fee),
         echo_interval_ms=t.integer("echo_interval_ms", d.echo_interval_ms, lo=1),
         token_key=t.text("token_key", d.token_key),
+        admin_token=t.text("admin_token", d.admin_token),
+        saf_max_age_s=t.integer("saf_max_age_s", d.saf_max_age_s, lo=1),
         link=_read_link(t, LinkOptions()),
     )
 
@@ -724,6 +745,8 @@ def _read_bank(r: _Reader, data: Any, path: KeyPath, switch: SwitchConfig) -> Ba
     simulate = t.boolean("simulate", True)
     zpk = t.text("zpk", None, keycheck)
     zak = t.text("zak", None, keycheck)
+    double = _key_check(switch.mode == "live", double=True)
+    pvk, cvk, mk_ac = (t.text(name, None, double) for name in _ISSUER_KEYS)
     interchange_bps = t.integer("interchange_bps", 0, hi=_BPS_MAX)
     debit_cap = t.money("debit_cap", 0)
     atm_fee = t.money("atm_fee", 0)
@@ -744,22 +767,49 @@ def _read_bank(r: _Reader, data: Any, path: KeyPath, switch: SwitchConfig) -> Ba
     cards = []
     for i, cd in t.tables("cards"):
         ct = r.table(cd, t.at("cards") + (i,), _CARD_KEYS)
-        cards.append(Card(
+        card = Card(
             pan=ct.text("pan", check=_pan),
             expiry=ct.text("expiry", check=_expiry),
-            pin=ct.text("pin", check=_pin),
+            pin=ct.text("pin", None, _pin),
             balance=ct.money("balance"),
             currency=ct.text("currency", "156", _digits(3, 3, "a currency (ISO 4217 numeric)")),
             status=ct.text("status", "active", _one_of(CARD_STATUSES)),
             daily_withdrawal_limit=ct.money("daily_withdrawal_limit", 0),
             delay_ms=ct.integer("delay_ms", 0),
-        ))
+            pin_method=ct.text("pin_method", "pvv", _one_of(PIN_METHODS)),
+            pvv=ct.text("pvv", "", _digits(4, 4, "a PVV")),
+            pin_offset=ct.text("pin_offset", "", _digits(4, 12, "an IBM PIN offset")),
+        )
+        _check_card_pin(ct, card, switch.mode == "live", pvk)
+        cards.append(card)
     return Bank(
         id=bank_id, institution_id=institution_id, name=name, hosts=hosts,
         simulate=simulate, zpk=zpk, zak=zak, interchange_bps=interchange_bps,
         debit_cap=debit_cap, atm_fee=atm_fee, stand_in=stand_in,
-        bins=tuple(bins), cards=tuple(cards), link=link,
+        bins=tuple(bins), cards=tuple(cards), link=link, pvk=pvk, cvk=cvk, mk_ac=mk_ac,
     )
+
+
+def _check_card_pin(ct: _Table, card: Card, live: bool, pvk: Key | None) -> None:
+    """A card names what its bank verifies PINs with (see the module doc)."""
+    ibm = card.pin_method == "ibm"
+    own, other = ("pin_offset", "pvv") if ibm else ("pvv", "pin_offset")
+    if ct.has(other):
+        ct.fail(other, f'is for pin_method = "{"pvv" if ibm else "ibm"}"; this card\'s is "{card.pin_method}"'
+                       + ("" if ibm else ' (the default)'))
+    what = "IBM offset" if ibm else "PVV"
+    if not ct.has(own):
+        if live:
+            ct.fail(own, f"missing: in live mode the PVK is under the LMK, so the {what} cannot be "
+                         f"computed from a PIN; give {own}")
+        if card.pin is None:
+            ct.fail("pin", f'missing required key (or "{own}", the card\'s {what})')
+        return
+    if card.pin is not None and pvk is not None and pvk.is_clear:
+        from cardswitch.issuer_sim.cards import pin_matches
+
+        if not pin_matches(card, pvk.clear_bytes()):
+            ct.fail(own, "does not match the card's pin under its bank's PVK")
 
 
 def _read_merchant(r: _Reader, data: Any, path: KeyPath, switch: SwitchConfig,
@@ -1004,8 +1054,11 @@ def describe(network: Network) -> str:
         out.append(f"    hosts {hosts} ({'simulated' if b.simulate else 'external'})"
                    + ("" if b.link == sw.link else f"  link {_link_text(b.link)}"))
         stand_in = f"stand-in up to {b.stand_in.max_amount}" if b.stand_in.max_amount else "no stand-in"
-        out.append(f"    {len(b.bins)} BIN ranges, {len(b.cards)} cards   ZPK {_yes(b.zpk)}  "
-                   f"ZAK {_yes(b.zak)}   {stand_in}")
+        ibm = sum(1 for c in b.cards if c.pin_method == "ibm")
+        methods = f" ({ibm} IBM offset)" if ibm else ""
+        out.append(f"    {len(b.bins)} BIN ranges, {len(b.cards)} cards{methods}   ZPK {_yes(b.zpk)}  "
+                   f"ZAK {_yes(b.zak)}  PVK {_yes(b.pvk)}  CVK {_yes(b.cvk)}  MK-AC {_yes(b.mk_ac)}   "
+                   f"{stand_in}")
         shown = b.bins[:6]
         if shown:
             more = f", ... {len(b.bins) - len(shown)} more" if len(b.bins) > len(shown) else ""
@@ -1074,7 +1127,7 @@ def dump_network(network: Network) -> str:
     o: list[str] = ["# network file written by cardswitch.netfile.dump_network", "", "[switch]"]
     for name in ("institution_id", "listen", "admin", "data_dir", "journal", "redis", "mqtt",
                  "issuer_timeout_ms", "cutover", "timezone", "mode", "switch_fee",
-                 "echo_interval_ms", "token_key"):
+                 "echo_interval_ms", "token_key", "admin_token", "saf_max_age_s"):
         o.append(f"{name} = {_toml_value(getattr(sw, name))}")
     o += _link_lines(sw.link, None)
     o += ["", "[hsm]", f"listen = {_toml_value(hsm.listen)}", f"simulate = {_toml_value(hsm.simulate)}"]
@@ -1089,7 +1142,7 @@ def dump_network(network: Network) -> str:
         else:
             o.append("hosts = [" + ", ".join(_toml_value(h) for h in b.hosts) + "]")
         o.append(f"simulate = {_toml_value(b.simulate)}")
-        for name in ("zpk", "zak"):
+        for name in ("zpk", "zak") + _ISSUER_KEYS:
             k = getattr(b, name)
             if k is not None:
                 o.append(f"{name} = {_toml_value(k)}")
@@ -1106,7 +1159,15 @@ def dump_network(network: Network) -> str:
                 o.append(f"  priority = {x.priority}")
         for c in b.cards:
             o += ["  [[banks.cards]]"]
-            o += [f"  {name} = {_toml_value(getattr(c, name))}" for name in _CARD_KEYS]
+            o += [f"  {name} = {_toml_value(getattr(c, name))}" for name in _CARD_KEYS
+                  if name not in ("pin", "pin_method", "pvv", "pin_offset")]
+            if c.pin is not None:
+                o.append(f"  pin = {_toml_value(c.pin)}")
+            if c.pin_method != "pvv":
+                o.append(f"  pin_method = {_toml_value(c.pin_method)}")
+            for name in ("pvv", "pin_offset"):
+                if getattr(c, name):
+                    o.append(f"  {name} = {_toml_value(getattr(c, name))}")
     for m in network.merchants:
         o += ["", "[[merchants]]"]
         o += [f"{name} = {_toml_value(getattr(m, name))}" for name in _MERCHANT_KEYS

@@ -147,13 +147,28 @@ def test_network_management_sign_on_sign_off_echo(d):
         assert resp["11"] == req["11"] and resp["70"] == code and resp["41"] == "POS00012"
 
 
+def _track2(pan: str, **kw) -> str:
+    """A track 2 as the card would carry it (its CVV made under the bank's CVK)."""
+    from cardswitch.issuer_sim.cards import track2_for
+    from cardswitch.netfile import load_network
+
+    net = load_network(None)
+    for bank in net.banks:
+        for card in bank.cards:
+            if card.pan == pan:
+                return track2_for(card, bank, **kw)
+    raise KeyError(pan)
+
+
 def test_track2_instead_of_field_2(d):
     before = d.balance(A_DEBIT)
-    req = d.fin("POS00002", PURCHASE, None, 1_300, extra={"35": f"{A_DEBIT}=30121010000000000"})
+    req = d.fin("POS00002", PURCHASE, None, 1_300, extra={"35": _track2(A_DEBIT)})
     d.ask(req, "00")
     assert d.balance(A_DEBIT) == (before[0] - 1_300, before[1] - 1_300)
-    wrong_expiry = d.fin("POS00002", PURCHASE, None, 1_300, extra={"35": f"{A_DEBIT}=29011010000000000"})
+    wrong_expiry = d.fin("POS00002", PURCHASE, None, 1_300, extra={"35": _track2(A_DEBIT, expiry="2901")})
     d.ask(wrong_expiry, "54")
+    bad_cvv = d.fin("POS00002", PURCHASE, None, 1_300, extra={"35": _track2(A_DEBIT, cvv="000")})
+    d.ask(bad_cvv, "05")
 
 
 def test_pin_block_hex_in_either_case(d):

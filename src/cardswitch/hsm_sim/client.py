@@ -756,10 +756,12 @@ class HsmClient:
         return await self._verify("M8", build_mac("M8", key_type, key, data, algorithm, padding, mac=mac))
 
     async def generate_key(self, key_type: str, export_under: str | None = None,
-                           export_flag: str = "0", scheme: str = "U") -> GeneratedKey:
+                           export_flag: str = "0", scheme: str = "U",
+                           export_scheme: str | None = None) -> GeneratedKey:
         """A0: a new random key under the LMK; with ``export_under`` also under
-        that ZMK (``export_flag`` "0") or TMK ("1")."""
-        body = await self.call("A0", build_a0(key_type, scheme, export_under, export_flag))
+        that ZMK (``export_flag`` "0") or TMK ("1"), in ``export_scheme``
+        (default: ``scheme``; "X" is plain TDES ECB halves, what a terminal can open)."""
+        body = await self.call("A0", build_a0(key_type, scheme, export_under, export_flag, export_scheme))
         try:
             under_lmk, pos = take_key(body)
             under_zmk = None

@@ -86,9 +86,9 @@ def ibm_validation_template(pan: str) -> str:
     return account12(pan)[:7] + "N" + "FFFF"
 
 
-def _ibm_validation_data(pan: str) -> str:
-    acct = account12(pan)
-    return ibm3624.validation_data(ibm_validation_template(pan), acct)
+def ibm_validation_data(pan: str) -> str:
+    """The 16 hex digits of validation data the HSM makes from the template."""
+    return ibm3624.validation_data(ibm_validation_template(pan), account12(pan))
 
 
 def pin_ref_for(card: Card, pvk: bytes | None) -> PinRef:
@@ -98,7 +98,7 @@ def pin_ref_for(card: Card, pvk: bytes | None) -> PinRef:
         if card.pin_offset:
             return PinRef("ibm", pin_offset=card.pin_offset)
         if card.pin and pvk is not None:
-            return PinRef("ibm", pin_offset=ibm3624.pin_offset(pvk, _ibm_validation_data(card.pan),
+            return PinRef("ibm", pin_offset=ibm3624.pin_offset(pvk, ibm_validation_data(card.pan),
                                                                DECIMALISATION, card.pin))
         return PinRef("ibm")
     if card.pvv:
@@ -106,6 +106,17 @@ def pin_ref_for(card: Card, pvk: bytes | None) -> PinRef:
     if card.pin and pvk is not None:
         return PinRef("pvv", pvv=pvv_mod.pvv(pvk, PVKI, card.pin, card.pan))
     return PinRef("pvv")
+
+
+def pin_matches(card: Card, pvk: bytes) -> bool:
+    """True when the card's given PVV or IBM offset verifies its ``pin`` under
+    ``pvk`` as the HSM would (EC; EA with check length 4)."""
+    if card.pin is None:
+        return False
+    if card.pin_method == "ibm":
+        return ibm3624.verify_offset(pvk, ibm_validation_data(card.pan), DECIMALISATION, card.pin,
+                                     card.pin_offset, IBM_CHECK_LEN)
+    return pvv_mod.verify_pvv(pvk, PVKI, card.pin, card.pan, card.pvv)
 
 
 def clear_key(bank: Bank, name: str) -> bytes:

@@ -413,6 +413,12 @@ def format_problem(msg: Message) -> str | None:
             return "field 103 missing or not a card number"
     if F.SETTLEMENT_DATE in msg and not _valid_mmdd(msg[F.SETTLEMENT_DATE]):
         return "field 15 is not a date"
+    f55 = msg.get(F.ICC_DATA)
+    if f55 and cls in (CLS_AUTH, CLS_FIN):
+        try:
+            arqc_check_from(f55, pan)
+        except ValueError as e:
+            return str(e)
     return None
 
 
@@ -435,14 +441,19 @@ class IssuerLogic:
     """One bank's ledger and decisions. Not thread-safe: one event loop drives it."""
 
     def __init__(self, bank_id: str, bins: Sequence[BinRange], secret: bytes,
-                 zpk: bytes | None, accounts: Iterable[Account] = (),
+                 accounts: Iterable[Account] = (),
                  txns: Iterable[Txn] = (), next_id: int = 1,
                  lookup: Lookup | None = None, max_cached: int = 100_000,
-                 complete: bool = True) -> None:
+                 complete: bool = True, verifier: Verifier | None = None) -> None:
         self.bank_id = bank_id
         self.bins = tuple(bins)
         self._secret = secret
-        self._zpk = zpk
+        # Who verifies PINs, CVVs and ARQCs (the HSM); None: nothing can be
+        # verified, so PIN transactions get 96 and CVVs/ARQCs are not checked.
+        self.verifier = verifier
+        self.capabilities: frozenset[str] = verifier.capabilities if verifier is not None else frozenset()
+        # Idempotency keys of requests waiting for their checks: a repeat waits too.
+        self._verifying: dict[str, asyncio.Future] = {}
         self.accounts: dict[str, Account] = {a.token: a for a in accounts}
         self.next_id = next_id
         self._lookup = lookup
@@ -526,10 +537,93 @@ class IssuerLogic:
                 if a is not None:
                     a.held += t.amount
 
-    # -- entry point --------------------------------------------------------
+    # -- entry points -------------------------------------------------------
 
-    def handle(self, msg: Message, now: datetime) -> Outcome:
-        """Decide one request. ``now`` is an aware UTC datetime."""
+    @staticmethod
+    def idem_key(msg: Message) -> str | None:
+        """The idempotency key of a request (MTI class | RRN | STAN); None when it has none."""
+        mti, stan = msg.get(F.MTI, ""), msg.get(F.STAN)
+        if not _digits(mti, 4) or stan is None:
+            return None
+        return f"{mti_class(mti)}|{msg.get(F.RRN, '')}|{stan}"
+
+    def security_checks(self, msg: Message, now: datetime) -> Checks | None:
+        """What a request needs verified before :meth:`handle` can decide it;
+        None when nothing (no field 52, 35 or 55; not a 0100/0200; a repeat;
+        or declined before any check: unknown card, status, expiry)."""
+        if F.PIN_BLOCK not in msg and F.TRACK2 not in msg and F.ICC_DATA not in msg:
+            return None
+        mti = msg.get(F.MTI, "")
+        if not _digits(mti, 4) or is_response(mti):
+            return None
+        cls = mti_class(mti)
+        if cls not in (CLS_AUTH, CLS_FIN) or format_problem(msg) is not None:
+            return None
+        if self.txn_by_key(f"{cls}|{msg.get(F.RRN, '')}|{msg[F.STAN]}") is not None:
+            return None
+        pan, track_expiry = _pan_of(msg)
+        kind = classify(cls, msg[F.PROC], msg)
+        acct = self.accounts.get(self.token(pan))
+        if (self._check_kind(kind) or self._check_card(acct, kind) or self._check_status(acct)
+                or self._check_expiry(acct, msg, track_expiry, now)):
+            return None
+        checks = self._checks_for(msg, acct, pan, self._business_date(msg, now))
+        return checks if checks else None
+
+    def must_wait(self, msg: Message, now: datetime) -> bool:
+        """True when the request must go through :meth:`process` (checks to
+        verify, or a request with its key is being verified), False when
+        :meth:`handle` decides it at once."""
+        if self._verifying:
+            key = self.idem_key(msg)
+            if key is not None and key in self._verifying:
+                return True
+        return self.security_checks(msg, now) is not None
+
+    async def process(self, msg: Message, now: datetime) -> Outcome:
+        """Verify what the request needs (through the verifier), then decide it.
+
+        A request whose idempotency key is already being verified waits for
+        that one and is then answered as its repeat.
+        """
+        key = self.idem_key(msg)
+        if key is not None:
+            while (busy := self._verifying.get(key)) is not None:
+                await busy
+        checks = self.security_checks(msg, now)
+        if checks is None:
+            return self.handle(msg, now)
+        done = asyncio.get_running_loop().create_future()
+        self._verifying[key] = done
+        try:
+            results = await verify_all(self.verifier, checks) if self.verifier is not None else Results()
+            outcome = self.handle(msg, now, results)
+            pending = outcome.arpc_for
+            if pending is not None and outcome.response is not None and self.verifier is not None:
+                arc = arc_for(outcome.response[F.RESPONSE_CODE])
+                arpc = await self.verifier.arpc(pending, arc)
+                if arpc is not None:
+                    self.attach_icc(outcome, issuer_auth_data(arpc, arc))
+                outcome.arpc_for = None
+            return outcome
+        finally:
+            del self._verifying[key]
+            done.set_result(None)
+
+    @staticmethod
+    def attach_icc(outcome: Outcome, field55: str) -> None:
+        """Add field 55 to an outcome's response, and to the record its repeats are answered from."""
+        resp = outcome.response
+        if resp is None:
+            return
+        resp[F.ICC_DATA] = field55
+        if outcome.new is not None:
+            outcome.new.response = orjson.dumps({k: v for k, v in resp.items() if k != F.PAN})
+
+    def handle(self, msg: Message, now: datetime, results: Results | None = None) -> Outcome:
+        """Decide one request. ``now`` is an aware UTC datetime; ``results``
+        are the verdicts of its :meth:`security_checks` (a check without one
+        counts as not verifiable: 96)."""
         mti = msg.get(F.MTI, "")
         if not _digits(mti, 4) or is_response(mti):
             return Outcome(None)
@@ -548,7 +642,7 @@ class IssuerLogic:
             return self._replay(prior, msg)
         if cls == CLS_REVERSAL:
             return self._reversal(msg, key, now)
-        return self._financial(msg, cls, key, now)
+        return self._financial(msg, cls, key, now, results or Results())
 
     # -- network management -------------------------------------------------
 
@@ -605,7 +699,7 @@ class IssuerLogic:
 
     # -- financial requests and advices ----------------------------------------
 
-    def _financial(self, msg: Message, cls: str, key: str, now: datetime) -> Outcome:
+    def _financial(self, msg: Message, cls: str, key: str, now: datetime, results: Results) -> Outcome:
         pan, track_expiry = _pan_of(msg)
         amount = int(msg.get(F.AMOUNT) or 0)
         day = self._business_date(msg, now)
@@ -614,6 +708,7 @@ class IssuerLogic:
         acct = self.accounts.get(txn.token)
         changes = _Changes()
         advice = cls == CLS_ADVICE
+        arpc_for: ArqcCheck | None = None
         if advice:
             rc = self._post(kind, txn, acct, msg, amount, day, changes, force=True) \
                 if kind is not None and acct is not None else None
@@ -629,12 +724,17 @@ class IssuerLogic:
             rc = RC.APPROVED
             response = respond(msg, rc)
         else:
+            checks = Checks()
             rc = (self._check_kind(kind)
                   or self._check_card(acct, kind)
                   or self._check_status(acct)
-                  or self._check_expiry(acct, msg, track_expiry, now)
-                  or self._check_pin(acct, msg, pan, kind, day, changes)
-                  or self._post(kind, txn, acct, msg, amount, day, changes, force=False))
+                  or self._check_expiry(acct, msg, track_expiry, now))
+            if rc is None:
+                checks = self._checks_for(msg, acct, pan, day)
+                rc = (self._check_cvv(acct, msg, checks, results)
+                      or self._check_arqc(acct, checks, results)
+                      or self._check_pin(acct, msg, checks, results, kind, day, changes)
+                      or self._post(kind, txn, acct, msg, amount, day, changes, force=False))
             balances = ""
             if rc == RC.APPROVED:
                 txn.auth_code = f"{txn.id % 1_000_000:06d}"
@@ -642,6 +742,7 @@ class IssuerLogic:
                     acct_type = msg[F.PROC][2:4]
                     balances = format_balances(acct_type, acct.currency, acct.balance, acct.available)
             response = respond(msg, rc, txn.auth_code, balances)
+            arpc_for = self._issuer_auth(checks, results, rc, response)
         # A reversal that came before its original: the original still gets
         # its answer, but whatever it did is undone at once.
         rev = self.orphans.pop(txn.ref, None) if self.orphans else None
@@ -655,7 +756,9 @@ class IssuerLogic:
         delay = acct.delay_ms if acct is not None and not advice else 0
         log.debug("%s %s %s %s %s -> %s", self.bank_id, msg[F.MTI], msg[F.PROC],
                   txn.pan_masked, amount, rc)
-        return self._finish(txn, msg, response, changes, delay)
+        outcome = self._finish(txn, msg, response, changes, delay)
+        outcome.arpc_for = arpc_for
+        return outcome
 
     # The checks, in order. Each answers a response code or None (go on).
 
@@ -684,30 +787,88 @@ class IssuerLogic:
             return RC.EXPIRED_CARD
         return None
 
-    def _check_pin(self, acct: Account, msg: Message, pan: str, kind: str, day: str,
-                   changes: _Changes) -> str | None:
+    def _checks_for(self, msg: Message, acct: Account, pan: str, day: str) -> Checks:
+        """The checks this bank can and must verify for a request on ``acct``."""
+        caps = self.capabilities
+        checks = Checks()
+        t2 = msg.get(F.TRACK2)
+        if t2 is not None and CAN_CVV in caps:
+            track = parse_track2(t2)
+            if track is not None and track.cvv:
+                checks.cvv = CvvCheck(track.pan, track.expiry, track.service_code, track.cvv)
+        f55 = msg.get(F.ICC_DATA)
+        if f55 and CAN_ARQC in caps:
+            checks.arqc = arqc_check_from(f55, pan)     # well-formed: format_problem passed
         block = msg.get(F.PIN_BLOCK)
-        if block is None:
+        if (block is not None and CAN_PIN in caps and acct.pin_ref.usable
+                and self._pin_fails(acct, day) < MAX_PIN_TRIES):
+            checks.pin = PinCheck(pan, block, acct.pin_method, acct.pvv, acct.pin_offset)
+        return checks
+
+    @staticmethod
+    def _pin_fails(acct: Account, day: str) -> int:
+        return acct.pin_fails if acct.pin_day >= day else 0
+
+    def _check_cvv(self, acct: Account, msg: Message, checks: Checks, results: Results) -> str | None:
+        if F.TRACK2 not in msg or CAN_CVV not in self.capabilities:
+            return None
+        if checks.cvv is None:
+            log.info("%s %s: track 2 holds no CVV: answered 05", self.bank_id, acct.pan_masked)
+            return RC.DO_NOT_HONOUR
+        verdict = results.cvv
+        if verdict == Verdict.OK:
+            return None
+        if verdict in (Verdict.WRONG, Verdict.BAD_INPUT):
+            log.info("%s %s: CVV does not verify: answered 05", self.bank_id, acct.pan_masked)
+            return RC.DO_NOT_HONOUR
+        return RC.SYSTEM_MALFUNCTION
+
+    def _check_arqc(self, acct: Account, checks: Checks, results: Results) -> str | None:
+        if checks.arqc is None:
+            return None
+        verdict = results.arqc.verdict if results.arqc is not None else None
+        if verdict == Verdict.OK:
+            return None
+        if verdict in (Verdict.WRONG, Verdict.BAD_INPUT):
+            log.info("%s %s: ARQC does not verify: answered 05", self.bank_id, acct.pan_masked)
+            return RC.DO_NOT_HONOUR
+        return RC.SYSTEM_MALFUNCTION
+
+    def _check_pin(self, acct: Account, msg: Message, checks: Checks, results: Results, kind: str,
+                   day: str, changes: _Changes) -> str | None:
+        if F.PIN_BLOCK not in msg:
             return RC.INCORRECT_PIN if kind == Kind.WITHDRAWAL else None
-        fails = acct.pin_fails if acct.pin_day >= day else 0
+        fails = self._pin_fails(acct, day)
         if fails >= MAX_PIN_TRIES:
             return RC.PIN_TRIES_EXCEEDED
-        if self._zpk is None:
-            log.error("%s: no clear ZPK configured, cannot verify PINs", self.bank_id)
+        if checks.pin is None:
+            why = "no ZPK and PVK" if CAN_PIN not in self.capabilities else "no PVV or offset for the card"
+            log.warning("%s %s: cannot verify the PIN (%s): answered 96", self.bank_id, acct.pan_masked, why)
             return RC.SYSTEM_MALFUNCTION
-        try:
-            pin = decrypt_pin_block(block, self._zpk, pan)
-        except ValueError:
-            pin = None
-        if pin is not None and acct.pin is not None and hmac.compare_digest(pin, acct.pin):
+        verdict = results.pin
+        if verdict == Verdict.OK:
             if acct.pin_fails:
                 acct.pin_fails = 0
                 changes.account(acct)
             return None
-        acct.pin_fails = fails + 1
-        acct.pin_day = max(day, acct.pin_day)
-        changes.account(acct)
-        return RC.INCORRECT_PIN
+        if verdict in (Verdict.WRONG, Verdict.BAD_INPUT):
+            acct.pin_fails = fails + 1
+            acct.pin_day = max(day, acct.pin_day)
+            changes.account(acct)
+            return RC.INCORRECT_PIN
+        return RC.SYSTEM_MALFUNCTION
+
+    @staticmethod
+    def _issuer_auth(checks: Checks, results: Results, rc: str, response: Message) -> ArqcCheck | None:
+        """Field 55 (tag 91) for a request whose ARQC was verified. Answers the
+        ARQC check when the ARPC for ``rc`` is still to get (KQ mode 2)."""
+        got = results.arqc
+        if checks.arqc is None or got is None or got.verdict not in (Verdict.OK, Verdict.WRONG):
+            return None
+        if rc == RC.APPROVED and got.arpc is not None:
+            response[F.ICC_DATA] = issuer_auth_data(got.arpc, arc_for(rc))
+            return None
+        return checks.arqc
 
     # -- posting -----------------------------------------------------------------
 

@@ -7,6 +7,20 @@ SQLite, and answered once its rows are committed and the card's ``delay_ms``
 has passed (``loop.call_later``; other requests keep flowing). Many requests
 may be in flight on a connection; answers go out in whatever order they are
 ready.
+
+A request with something to verify (a PIN block, track 2 with a CVV, an
+ARQC: ``IssuerLogic.must_wait``) goes through ``IssuerLogic.process`` in a
+task instead: the bank's HSM verifies, then the ledger decides. The bank
+holds an ``HsmClient`` (pool of 2) to ``network.hsm.listen``; it starts
+whether or not the HSM is up, reconnects in the background, and until a
+connection is up every such request gets 96 while the others go on.
+
+Keys: in a test network (clear keys), the PVK is used at start-up, on this
+side, to compute each card's PVV or IBM offset from its PIN (card issuance);
+the PINs are then dropped and only the PVV/offset is stored. For the HSM
+the clear keys are put under the Thales test LMK (the HSM simulator's
+default; pass ``lmk`` for another). In a live network the keys are under the
+LMK already and the cards carry their PVV or offset.
 """
 
 from __future__ import annotations
@@ -19,10 +33,15 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 
 from cardswitch.config import Bank, Endpoint, Key, Network
+from cardswitch.hsm_sim.client import HsmClient
+from cardswitch.hsm_sim.lmk import Lmk
 from cardswitch.iso8583.constants import RC, F, response_mti
 from cardswitch.iso8583.dialect import DecodeError, Dialect, EncodeError, Message, get_dialect
 from cardswitch.iso8583.framing import FrameReader, FrameTooLarge, Framing, FramingError, swap_tpdu
-from cardswitch.issuer_sim.ledger import ECHOED, IssuerLogic
+from cardswitch.issuer_sim.cards import pin_ref_for
+from cardswitch.issuer_sim.checks import Verifier
+from cardswitch.issuer_sim.hsmverifier import BankKeys, HsmVerifier
+from cardswitch.issuer_sim.ledger import ECHOED, IssuerLogic, Outcome
 from cardswitch.issuer_sim.linkmac import add_mac, mac_field_of, verify_mac
 from cardswitch.issuer_sim.store import Reader, db_path, load, open_writer, statements
 from cardswitch.pan import mask_pan
@@ -36,6 +55,13 @@ def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _issuer(bank: Bank):
+    """The bank's card issuance step: a card's PVV or IBM offset from its PIN
+    (``cards.pin_ref_for``) with the bank's clear test PVK, if it has one."""
+    pvk = bank.pvk.clear_bytes() if bank.pvk is not None and bank.pvk.is_clear else None
+    return lambda card: pin_ref_for(card, pvk)
+
+
 def _clear_key(key: Key | None, what: str, bank_id: str) -> bytes | None:
     if key is None:
         return None
@@ -45,15 +71,33 @@ def _clear_key(key: Key | None, what: str, bank_id: str) -> bytes | None:
     return key.clear_bytes()
 
 
+HSM_POOL = 2
+HSM_TIMEOUT_S = 1.0         # well inside the switch's issuer timeout
+HSM_RECONNECT_MAX_S = 1.0
+
+
 class IssuerHost:
     """A simulated issuing bank listening for the switch.
 
     ``listen`` overrides the bank's first host endpoint (tests use port 0).
+    ``hsm`` is where its HSM listens (``run_banks`` passes
+    ``network.hsm.listen``); None: no HSM, so nothing can be verified (PIN
+    transactions get 96). ``lmk``: the LMK the HSM holds, to put clear test
+    keys under (default: the Thales test LMK). ``verifier`` replaces the HSM
+    verifier altogether (tests).
     """
 
     def __init__(self, bank: Bank, data_dir: str | os.PathLike, *, listen: Endpoint | None = None,
-                 clock: Clock | None = None, max_cached: int = 100_000) -> None:
+                 clock: Clock | None = None, max_cached: int = 100_000,
+                 hsm: Endpoint | None = None, lmk: Lmk | None = None,
+                 verifier: Verifier | None = None, hsm_timeout_s: float = HSM_TIMEOUT_S) -> None:
         self.bank = bank
+        self.hsm = hsm
+        self._lmk = lmk
+        self._hsm_timeout_s = hsm_timeout_s
+        self.verifier: Verifier | None = verifier
+        self.hsm_client: HsmClient | None = None
+        self._tasks: set[asyncio.Task] = set()
         self.data_dir = data_dir
         self.listen = listen or bank.host
         self._clock = clock or _utcnow
@@ -94,21 +138,58 @@ class IssuerHost:
         self._idle.set()
         self._writer = await asyncio.to_thread(open_writer, self.data_dir, self.bank.id)
         cards = self.bank.cards
-        loaded = await asyncio.to_thread(self._writer.call, lambda con: load(con, cards, self._max_cached))
+        pin_ref = _issuer(self.bank)
+        loaded = await asyncio.to_thread(self._writer.call,
+                                         lambda con: load(con, cards, self._max_cached, pin_ref))
+        del pin_ref                 # the clear PVK goes with it
         self._reader = Reader(self.db_path)
-        self.logic = IssuerLogic(
-            self.bank.id, self.bank.bins, loaded.secret, _clear_key(self.bank.zpk, "ZPK", self.bank.id),
-            accounts=loaded.accounts, txns=loaded.txns, next_id=loaded.next_id,
-            lookup=self._reader.lookup, max_cached=self._max_cached, complete=loaded.complete)
         try:
+            if self.verifier is None:
+                self.verifier = await self._start_hsm()
+            self.logic = IssuerLogic(
+                self.bank.id, self.bank.bins, loaded.secret,
+                accounts=loaded.accounts, txns=loaded.txns, next_id=loaded.next_id,
+                lookup=self._reader.lookup, max_cached=self._max_cached, complete=loaded.complete,
+                verifier=self.verifier)
             self._server = await self._loop.create_server(
                 lambda: _Connection(self), self.listen.host, self.listen.port, reuse_address=True)
         except OSError as e:
+            await self._stop_hsm()
             await self._close_storage()
             raise OSError(e.errno, f"{self.bank.id}: cannot listen on {self.listen}: {e.strerror or e}") from None
+        except BaseException:
+            await self._stop_hsm()
+            await self._close_storage()
+            raise
         log.info("%s: issuer simulator listening on %s:%s (%d cards, %d new; %s/%s)",
                  self.bank.id, self.listen.host, self.port, len(loaded.accounts), loaded.new_cards,
                  self.dialect.name, self.framing.kind)
+
+    async def _start_hsm(self) -> HsmVerifier:
+        keys = BankKeys.from_bank(self.bank, self._lmk)
+        can = ", ".join(sorted(keys.capabilities)) or "nothing"
+        if not keys.capabilities:
+            log.warning("%s: no ZPK and PVK, CVK or MK-AC: PINs cannot be verified (answered 96), "
+                        "CVVs and ARQCs are not checked", self.bank.id)
+            return HsmVerifier(self.bank.id, keys, None)
+        if self.hsm is None:
+            log.warning("%s: no HSM configured: PIN, CVV and chip requests will be answered 96", self.bank.id)
+            return HsmVerifier(self.bank.id, keys, None)
+        client = HsmClient(self.hsm, pool_size=HSM_POOL, timeout_s=self._hsm_timeout_s,
+                           reconnect_max_s=HSM_RECONNECT_MAX_S)
+        await client.start()
+        self.hsm_client = client
+        if client.available:
+            log.info("%s: HSM %s up (verifies: %s)", self.bank.id, self.hsm, can)
+        else:
+            log.warning("%s: HSM %s not reachable yet; retrying in the background, PIN, CVV and "
+                        "chip requests get 96 until it is", self.bank.id, self.hsm)
+        return HsmVerifier(self.bank.id, keys, client)
+
+    async def _stop_hsm(self) -> None:
+        client, self.hsm_client = self.hsm_client, None
+        if client is not None:
+            await client.stop()
 
     async def stop(self) -> None:
         """Stop accepting, answer everything in flight (delayed answers too), then close."""
@@ -123,6 +204,7 @@ class IssuerHost:
             c.close()
         await self._server.wait_closed()
         self._server = None
+        await self._stop_hsm()
         await self._close_storage()
         log.info("%s: issuer simulator stopped", self.bank.id)
 
@@ -161,8 +243,40 @@ class IssuerHost:
             if resp is not None:
                 self._answer(conn, header, resp, None, received, 0, None)
             return
+        mac_field = mac_field if self._zak is not None else None
+        logic = self.logic
         try:
-            outcome = self.logic.handle(msg, self._clock())
+            now = self._clock()
+            if logic.must_wait(msg, now):
+                # Security checks first (the HSM), then the ledger step.
+                self._begin()
+                task = self._loop.create_task(logic.process(msg, now))
+                self._tasks.add(task)
+                task.add_done_callback(lambda t: self._processed(t, conn, header, msg, received, mac_field))
+                return
+            outcome = logic.handle(msg, now)
+        except Exception:
+            self._failed(conn, header, msg, received)
+            return
+        self._conclude(conn, header, msg, outcome, received, mac_field)
+
+    def _processed(self, task: asyncio.Task, conn: _Connection, header: bytes, msg: Message,
+                   received: float, mac_field: str | None) -> None:
+        self._tasks.discard(task)
+        try:
+            if task.cancelled():
+                self._failed(conn, header, msg, received, "cancelled")
+            elif task.exception() is not None:
+                self._failed(conn, header, msg, received, exc=task.exception())
+            else:
+                self._conclude(conn, header, msg, task.result(), received, mac_field)
+        finally:
+            self._end()
+
+    def _conclude(self, conn: _Connection, header: bytes, msg: Message, outcome: Outcome,
+                  received: float, mac_field: str | None) -> None:
+        """Write what the outcome changed, and answer once it is committed."""
+        try:
             if outcome.response is None:
                 return
             stmts = statements(outcome)
@@ -172,23 +286,36 @@ class IssuerHost:
                 last = self._last_write
                 fut = last if last is not None and not last.done() else None
         except Exception:
-            self.errors += 1
-            log.exception("%s %s %s: failed to handle; answered 96", self.bank.id, msg.get(F.MTI),
-                          mask_pan(msg.get(F.PAN, "")))
-            resp = _safe_respond(msg, RC.SYSTEM_MALFUNCTION)
-            if resp is not None:
-                self._answer(conn, header, resp, None, received, 0, None)
+            self._failed(conn, header, msg, received)
             return
         if stmts:
             self._last_write = fut
-        self._answer(conn, header, outcome.response, fut, received, outcome.delay_ms,
-                     mac_field if self._zak is not None else None)
+        self._answer(conn, header, outcome.response, fut, received, outcome.delay_ms, mac_field)
+
+    def _failed(self, conn: _Connection, header: bytes, msg: Message, received: float,
+                why: str = "", exc: BaseException | None = None) -> None:
+        """Answer 96 for a request that could not be handled (inside an except
+        block, or with ``exc``, the traceback is logged)."""
+        self.errors += 1
+        log.error("%s %s %s: failed to handle (%s); answered 96", self.bank.id, msg.get(F.MTI),
+                  mask_pan(msg.get(F.PAN, "")), why or "error", exc_info=exc if exc is not None else not why)
+        resp = _safe_respond(msg, RC.SYSTEM_MALFUNCTION)
+        if resp is not None:
+            self._answer(conn, header, resp, None, received, 0, None)
+
+    def _begin(self) -> None:
+        self._inflight += 1
+        self._idle.clear()
+
+    def _end(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._idle.set()
 
     def _answer(self, conn: _Connection, header: bytes, resp: Message, committed: asyncio.Future | None,
                 received: float, delay_ms: int, mac_field: str | None) -> None:
         """Send ``resp`` once ``committed`` is done and ``delay_ms`` after ``received``."""
-        self._inflight += 1
-        self._idle.clear()
+        self._begin()
         loop = self._loop
 
         def when_committed(fut: asyncio.Future | None) -> None:
@@ -228,9 +355,7 @@ class IssuerHost:
             self.errors += 1
             log.exception("%s: failed to send a response", self.bank.id)
         finally:
-            self._inflight -= 1
-            if self._inflight == 0:
-                self._idle.set()
+            self._end()
 
 
 def _safe_respond(msg: Message, rc: str, is_response: bool = False) -> Message | None:
@@ -318,8 +443,11 @@ async def run_banks(network: Network, data_dir: str | os.PathLike | None = None,
                     ready: Callable[..., object] | None = None) -> None:
     """Serve every simulated bank (or those of ``bank_ids``) until cancelled.
 
-    Each bank listens on its first host endpoint. ``ready`` is called once
-    all listen, with the list of ``IssuerHost`` when it takes an argument.
+    Each bank listens on its first host endpoint and verifies PINs, CVVs and
+    ARQCs with the HSM at ``network.hsm.listen`` (started before the banks by
+    ``cardswitch up``; a bank also starts without it, see the module doc).
+    ``ready`` is called once all listen, with the list of ``IssuerHost`` when
+    it takes an argument.
     On cancellation every host drains and stops, then CancelledError goes on.
     """
     data_dir = network.switch.data_dir if data_dir is None else data_dir
@@ -332,7 +460,7 @@ async def run_banks(network: Network, data_dir: str | os.PathLike | None = None,
     hosts: list[IssuerHost] = []
     try:
         for b in banks:
-            h = IssuerHost(b, data_dir)
+            h = IssuerHost(b, data_dir, hsm=network.hsm.listen)
             await h.start()
             hosts.append(h)
         if ready is not None:

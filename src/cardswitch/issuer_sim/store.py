@@ -3,9 +3,11 @@
 The ledger lives in memory (``IssuerLogic``) and is written through: each
 outcome becomes a few statements queued on a group-commit ``SqliteWriter``,
 and the host answers only once they are committed. Stored: card state
-(balance, PIN tries, today's withdrawals) keyed by PAN token, and every
-processed request with its response. Never a full PAN, a PIN or a PIN block;
-the token secret is per bank and kept in the same database.
+(balance, PIN tries, today's withdrawals, and the PVV or IBM offset the bank
+verifies PINs with, computed at card issuance) keyed by PAN token, and every
+processed request with its response. Never a full PAN, a PIN, a PIN block,
+track data or a key; the token secret is per bank and kept in the same
+database.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ from __future__ import annotations
 import os
 import secrets
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 
 from cardswitch.config import Card
+from cardswitch.issuer_sim.cards import PinRef
 from cardswitch.issuer_sim.ledger import Account, Hold, Outcome, Txn
 from cardswitch.pan import pan_token
 from cardswitch.storage.sqlite_writer import SqliteWriter, Statement
@@ -42,7 +45,10 @@ CREATE TABLE IF NOT EXISTS cards (
     pin_fails INTEGER NOT NULL DEFAULT 0,
     pin_day TEXT NOT NULL DEFAULT '',
     withdrawn INTEGER NOT NULL DEFAULT 0,
-    withdrawn_day TEXT NOT NULL DEFAULT ''
+    withdrawn_day TEXT NOT NULL DEFAULT '',
+    pin_method TEXT NOT NULL DEFAULT 'pvv',
+    pvv TEXT NOT NULL DEFAULT '',
+    pin_offset TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS txns (
     id INTEGER PRIMARY KEY,
@@ -86,14 +92,18 @@ _TXN_COLS = ("id, idem_key, ref, mti, proc, kind, pan_masked, pan_token, to_pan_
 _INSERT_TXN = f"INSERT OR REPLACE INTO txns ({_TXN_COLS}) VALUES ({', '.join('?' * 27)})"
 _UPDATE_TXN = "UPDATE txns SET reversed = ?, voided = ?, hold = ?, orig_id = ? WHERE id = ?"
 _CARD_COLS = ("token, pan_masked, expiry, currency, status, daily_withdrawal_limit, delay_ms, "
-              "balance, pin_fails, pin_day, withdrawn, withdrawn_day")
+              "balance, pin_fails, pin_day, withdrawn, withdrawn_day, pin_method, pvv, pin_offset")
+# Columns added after the first release: (name, declaration) for ALTER TABLE.
+_LATER_CARD_COLS = (("pin_method", "TEXT NOT NULL DEFAULT 'pvv'"), ("pvv", "TEXT NOT NULL DEFAULT ''"),
+                    ("pin_offset", "TEXT NOT NULL DEFAULT ''"))
 _UPSERT_CARD = (
-    f"INSERT INTO cards ({_CARD_COLS}) VALUES ({', '.join('?' * 12)}) "
+    f"INSERT INTO cards ({_CARD_COLS}) VALUES ({', '.join('?' * 15)}) "
     "ON CONFLICT(token) DO UPDATE SET pan_masked = excluded.pan_masked, expiry = excluded.expiry, "
     "currency = excluded.currency, status = excluded.status, "
     "daily_withdrawal_limit = excluded.daily_withdrawal_limit, delay_ms = excluded.delay_ms, "
     "balance = excluded.balance, pin_fails = excluded.pin_fails, pin_day = excluded.pin_day, "
-    "withdrawn = excluded.withdrawn, withdrawn_day = excluded.withdrawn_day"
+    "withdrawn = excluded.withdrawn, withdrawn_day = excluded.withdrawn_day, "
+    "pin_method = excluded.pin_method, pvv = excluded.pvv, pin_offset = excluded.pin_offset"
 )
 
 
@@ -132,7 +142,8 @@ def txn_from_row(r: sqlite3.Row | tuple) -> Txn:
 
 def card_row(a: Account) -> tuple:
     return (a.token, a.pan_masked, a.expiry, a.currency, a.status, a.daily_withdrawal_limit,
-            a.delay_ms, a.balance, a.pin_fails, a.pin_day, a.withdrawn, a.withdrawn_day)
+            a.delay_ms, a.balance, a.pin_fails, a.pin_day, a.withdrawn, a.withdrawn_day,
+            a.pin_method, a.pvv, a.pin_offset)
 
 
 def statements(outcome: Outcome) -> list[Statement]:
@@ -159,13 +170,25 @@ class Loaded:
     complete: bool                  # every stored record was loaded
 
 
-def load(con: sqlite3.Connection, cards: Iterable[Card], max_cached: int) -> Loaded:
+def _migrate(con: sqlite3.Connection) -> None:
+    have = {r[1] for r in con.execute("PRAGMA table_info(cards)")}
+    for name, decl in _LATER_CARD_COLS:
+        if name not in have:
+            con.execute(f"ALTER TABLE cards ADD COLUMN {name} {decl}")
+
+
+def load(con: sqlite3.Connection, cards: Iterable[Card], max_cached: int,
+         pin_ref: Callable[[Card], PinRef] | None = None) -> Loaded:
     """Read a bank's state and merge the network file's cards into it.
 
     Runs on the writer's thread (``SqliteWriter.call``). Cards already known
     keep their balances and counters; their static data (expiry, status,
     limits, delay) follow the file. Cards new in the file are added.
+    ``pin_ref`` gives each card's PVV or IBM offset (card issuance, see
+    ``cards.pin_ref_for``): that is what is stored, never the PIN; a card it
+    gives nothing for keeps what is stored.
     """
+    _migrate(con)
     row = con.execute("SELECT v FROM meta WHERE k = 'token_secret'").fetchone()
     if row is None:
         secret = secrets.token_bytes(32)
@@ -175,20 +198,21 @@ def load(con: sqlite3.Connection, cards: Iterable[Card], max_cached: int) -> Loa
     stored = {r[0]: r for r in con.execute(f"SELECT {_CARD_COLS} FROM cards")}
     accounts: dict[str, Account] = {}
     for r in stored.values():
-        accounts[r[0]] = Account(token=r[0], pan_masked=r[1], expiry=r[2], pin=None, currency=r[3],
+        accounts[r[0]] = Account(token=r[0], pan_masked=r[1], expiry=r[2], currency=r[3],
                                  status=r[4], daily_withdrawal_limit=r[5], delay_ms=r[6],
                                  balance=r[7], pin_fails=r[8], pin_day=r[9], withdrawn=r[10],
-                                 withdrawn_day=r[11])
+                                 withdrawn_day=r[11], pin_method=r[12], pvv=r[13], pin_offset=r[14])
     new_cards = 0
     upserts = []
     for c in cards:
         tok = pan_token(c.pan, secret)
+        ref = pin_ref(c) if pin_ref is not None else None
         a = accounts.get(tok)
         if a is None:
-            a = accounts[tok] = Account.from_card(c, secret)
+            a = accounts[tok] = Account.from_card(c, secret, ref)
             new_cards += 1
         else:
-            a.follow(c)
+            a.follow(c, ref)
         upserts.append(card_row(a))
     con.execute("BEGIN")
     con.executemany(_UPSERT_CARD, upserts)

@@ -80,8 +80,9 @@ UNHEALTHY = "unhealthy"
 class EndpointHealth:
     """Health of one bank host, driven by the link's outcomes.
 
-    ``failure_threshold`` consecutive failures make the host unhealthy; a single
-    success makes it healthy again. An unhealthy host is not used, except that
+    ``failure_threshold`` consecutive failures (request timeouts) make the host
+    unhealthy, as does one conclusive failure (``mark_down``: connection or
+    sign-on refused); a single success makes it healthy again. An unhealthy host is not used, except that
     once every ``probe_interval`` seconds it becomes usable for one attempt (a
     probe); the caller reports the probe with ``mark_attempt`` so concurrent
     requests do not all pile onto a dead host, and its outcome with
@@ -131,6 +132,18 @@ class EndpointHealth:
             self.retry_at = now + self.probe_interval
             return True
         return False
+
+    def mark_down(self, now: float) -> bool:
+        """A failure conclusive on its own (connection refused, sign-on refused or
+        unanswered): unhealthy at once, next probe one interval from ``now``.
+        True when this made the host unhealthy."""
+        self.failures += 1
+        self.retry_at = now + self.probe_interval
+        if self.state == UNHEALTHY:
+            return False
+        self.state = UNHEALTHY
+        self.changed_at = now
+        return True
 
     def mark_attempt(self, now: float) -> None:
         """A request is going to this host. When it is an unhealthy host's probe,

@@ -29,6 +29,23 @@ Behaviour on the wire (wire.md 2, 4):
   while the transport's write buffer is above its high-water mark (a
   terminal that sends but never reads cannot make the switch buffer
   without bound).
+- Overload: at most ``max_total_inflight`` handlers run across all
+  connections (default 10,000). A request decoded while that many run is
+  shed: answered at once, without the handler, by ``handler.overloaded(msg)``
+  when the handler has one, else MTI+10 with 39 = 91 (issuer or switch
+  inoperative) echoing the wire.md 4 fields and 37. Nothing of it is kept,
+  so a resend is processed normally. Shedding rather than pausing every
+  connection keeps latency bounded and answers the terminal before its own
+  timeout (which would cost a reversal). Memory stays bounded: handlers by
+  the cap, queued frames by one read per connection, unread answers by the
+  write-buffer pause above.
+- Idle connections cost a protocol object and a socket, no task and no timer
+  (the read timer runs only while part of a frame is held), so thousands of
+  terminals may stay connected. ``start`` raises the process's open-file
+  soft limit to its hard limit (``raise_nofile_limit``) so they fit.
+- Repeated trouble (undecodable frames, framing errors, shed requests) is
+  logged for the first few occurrences and then at every power of ten; the
+  counters see every one.
 - A terminal that half-closes its side after sending gets its answers, then
   the connection is closed.
 - When the terminal goes away, its in-flight handlers still complete (they
@@ -49,12 +66,14 @@ from cardswitch.config import Endpoint, LinkOptions
 from cardswitch.iso8583.constants import RC, F
 from cardswitch.iso8583.dialect import DecodeError, Message, get_dialect
 from cardswitch.iso8583.framing import swap_tpdu
-from cardswitch.switch.framed import FRAMING, STALLED, TOO_LARGE, FramedProtocol, framing_of
+from cardswitch.switch.framed import FRAMING, STALLED, TOO_LARGE, FramedProtocol, framing_of, worth_logging
 from cardswitch.switch.replies import error_response, is_request_mti
 
-__all__ = ["Acceptor", "AcceptorStats", "ConnInfo", "error_response", "DEFAULT_MAX_INFLIGHT"]
+__all__ = ["Acceptor", "AcceptorStats", "ConnInfo", "error_response", "DEFAULT_MAX_INFLIGHT",
+           "DEFAULT_MAX_TOTAL_INFLIGHT", "raise_nofile_limit"]
 
-DEFAULT_MAX_INFLIGHT = 256
+DEFAULT_MAX_INFLIGHT = 256            # handlers per connection (then reading pauses)
+DEFAULT_MAX_TOTAL_INFLIGHT = 10_000   # handlers across connections (then requests are shed, 91)
 
 log = logging.getLogger("cardswitch.acceptor")
 
@@ -84,6 +103,26 @@ class AcceptorStats:
     encode_errors: int = 0        # a response that would not encode (answered 96 instead)
     responses_dropped: int = 0    # answers whose connection had gone
     read_pauses: int = 0          # times a connection stopped being read (backpressure)
+    shed: int = 0                 # requests answered at once (91) because max_total_inflight ran
+
+
+def raise_nofile_limit(wanted: int = 65536) -> int:
+    """Raise this process's open-file soft limit towards ``wanted`` (never above
+    the hard limit); the soft limit now. Each terminal connection holds a file
+    descriptor; distributions often start processes at a soft limit of 1024."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, e)
+    return soft
 
 
 def _peer_text(peer: Any) -> str:
@@ -133,13 +172,19 @@ class _TerminalConn(FramedProtocol):
 
     def frame_error(self, kind: str, detail: str) -> None:
         stats = self.acc.stats
+        n = 0
         if kind == TOO_LARGE:
             stats.too_large += 1
+            n = stats.too_large
         elif kind == STALLED:
             stats.stalled += 1
+            n = stats.stalled
         elif kind == FRAMING:
             stats.framing_errors += 1
-        self.acc.log.warning("conn %d %s: %s; closing", self.info.id, self.info.peer, detail)
+            n = stats.framing_errors
+        if worth_logging(n):
+            self.acc.log.warning("conn %d %s: %s; closing (%s: %d so far)", self.info.id, self.info.peer,
+                                 detail, kind, n)
 
     def eof_received(self) -> bool | None:
         # A terminal that half-closes after sending still gets its answers.
@@ -199,6 +244,9 @@ class _TerminalConn(FramedProtocol):
         except DecodeError as e:
             self._undecodable(header, e)
             return
+        if acc._running >= acc._max_total:
+            self._shed(header, msg)
+            return
         try:
             coro = acc._handle(msg, self.info, payload) if acc._wants_raw else acc._handle(msg, self.info)
             task = acc._loop.create_task(coro)
@@ -210,6 +258,7 @@ class _TerminalConn(FramedProtocol):
             return
         self.inflight[task] = (header, msg)
         acc._work += 1
+        acc._running += 1
         task.add_done_callback(self._done)
         if len(self.inflight) >= acc._max_inflight:
             self._update_reading()
@@ -218,6 +267,7 @@ class _TerminalConn(FramedProtocol):
         header, msg = self.inflight.pop(task)
         acc = self.acc
         acc._work -= 1
+        acc._running -= 1
         if not task.cancelled():
             exc = task.exception()
             if exc is None:
@@ -245,6 +295,27 @@ class _TerminalConn(FramedProtocol):
         if acc._stopping:
             acc._check_drained()
 
+    def _shed(self, header: bytes, msg: Message) -> None:
+        """Answer at once without the handler: every handler slot of the switch is taken."""
+        acc = self.acc
+        acc.stats.shed += 1
+        if worth_logging(acc.stats.shed):
+            acc.log.warning("overloaded (%d requests in flight): %s stan=%s tid=%s answered %s (%d shed so far)",
+                            acc._running, msg.get(F.MTI), msg.get(F.STAN), msg.get(F.TERMINAL_ID),
+                            RC.ISSUER_INOPERATIVE, acc.stats.shed)
+        resp: Message | None = None
+        hook = acc._overloaded
+        if hook is not None:
+            try:
+                resp = hook(msg)
+            except Exception as exc:
+                self._handler_failed(msg, exc)
+                resp = None
+        if resp is None:
+            resp = error_response(msg, RC.ISSUER_INOPERATIVE, also=(F.RRN,))
+        if resp is not None:
+            self._send(resp, header, msg)
+
     def _handler_failed(self, msg: Message, exc: BaseException) -> None:
         self.acc.stats.handler_errors += 1
         self.acc.log.error(
@@ -258,9 +329,11 @@ class _TerminalConn(FramedProtocol):
         partial = e.partial
         mti = partial.get(F.MTI)
         answer = is_request_mti(mti) and F.STAN in partial
-        acc.log.warning("conn %d %s: undecodable frame (mti=%s stan=%s tid=%s): %.120s; %s",
-                        self.info.id, self.info.peer, mti, partial.get(F.STAN),
-                        partial.get(F.TERMINAL_ID), e.reason, "answering 30" if answer else "no answer")
+        if worth_logging(acc.stats.decode_errors):
+            acc.log.warning("conn %d %s: undecodable frame (mti=%s stan=%s tid=%s): %.120s; %s (%d so far)",
+                            self.info.id, self.info.peer, mti, partial.get(F.STAN),
+                            partial.get(F.TERMINAL_ID), e.reason, "answering 30" if answer else "no answer",
+                            acc.stats.decode_errors)
         if not answer:
             return
         resp: Message | None
@@ -311,11 +384,14 @@ class Acceptor:
         stats: AcceptorStats | None = None,
         logger: logging.Logger | None = None,
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
+        max_total_inflight: int = DEFAULT_MAX_TOTAL_INFLIGHT,
         reuse_port: bool = False,
         backlog: int = 1024,
     ) -> None:
         if max_inflight < 1:
             raise ValueError("max_inflight must be at least 1")
+        if max_total_inflight < 1:
+            raise ValueError("max_total_inflight must be at least 1")
         self.listen = listen
         self.options = options
         self.stats = stats if stats is not None else AcceptorStats()
@@ -325,10 +401,14 @@ class Acceptor:
         # A handler that checks MACs needs the bytes as received (macfield).
         self._wants_raw = bool(getattr(handler, "wants_raw", False))
         self._format_error = getattr(handler, "format_error", None)
+        # Optional: the answer to a request shed under overload (sync, cheap).
+        self._overloaded = getattr(handler, "overloaded", None)
         self._dialect = get_dialect(options.dialect)
         self._framing, _ = framing_of(options)
         self._read_timeout_s = options.read_timeout_ms / 1000.0
         self._max_inflight = max_inflight
+        self._max_total = max_total_inflight
+        self._running = 0             # handlers running, all connections (<= max_total_inflight)
         self._reuse_port = reuse_port
         self._backlog = backlog
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
@@ -343,6 +423,7 @@ class Acceptor:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        raise_nofile_limit()
         self._server = await self._loop.create_server(
             self._protocol, self.listen.host, self.listen.port,
             reuse_address=True, reuse_port=self._reuse_port or None, backlog=self._backlog)
@@ -364,6 +445,11 @@ class Acceptor:
     def in_flight(self) -> int:
         """Requests being handled or queued, over all connections."""
         return self._work
+
+    @property
+    def handlers_running(self) -> int:
+        """Requests being handled now, over all connections (capped by max_total_inflight)."""
+        return self._running
 
     async def stop(self, drain_timeout: float = 5.0) -> bool:
         """Stop accepting, let in-flight requests finish and be answered, close.

@@ -1,31 +1,48 @@
 """The switch process: wires the acceptor, pipeline, bank links and journal.
 
 ``SwitchApp.start`` opens the journal, restores the business date and the
-in-memory index from it, connects to every issuer and listens for terminals;
-``stop`` stops accepting, drains what is in flight, signs off and closes.
+in-memory index from it, settles what a crash left open (requests written
+ahead with no outcome are reversed) and resumes the store-and-forward queue,
+connects to every issuer and listens for terminals; ``stop`` stops
+accepting, drains what is in flight (and, for a few seconds, the advices
+owed to banks that are up), signs off and closes.
+
+For metrics and alerts: ``saf.depth()`` ({bank: queued advices}),
+``saf.total_depth``, ``saf.alerts``/``saf.alert_counts``, ``standin``
+counters; ``on_alert`` (set before ``start``) is called as
+``on_alert(kind, detail)`` for store-and-forward alerts (kind ``"saf"``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from cardswitch.config import Bank, Network
 from cardswitch.iso8583.constants import RC
 from cardswitch.merchants.registry import Registry, TerminalInfo
 from cardswitch.routing.bintable import BinTable
 from cardswitch.switch.acceptor import Acceptor
+from cardswitch.switch.admin import AdminServer
 from cardswitch.switch.banklink import BankLink
 from cardswitch.switch.clock import RrnAllocator, utc_now
 from cardswitch.switch.cutover import CutoverService
+from cardswitch.switch.dedupe import DuplicateGuard
+from cardswitch.switch.events import EventPublisher, Fanout
 from cardswitch.switch.index import TxnIndex
-from cardswitch.switch.journal import Journal
+from cardswitch.switch.journals import AnyJournal, open_journal
 from cardswitch.hsm_sim.client import HsmClient
+from cardswitch.switch.metrics import SwitchMetrics
 from cardswitch.switch.pipeline import PinError, Pipeline
+from cardswitch.switch.saf import SafForwarder, SafPolicy
 from cardswitch.switch.security import STATE_PREFIX, KeyStore, Security, SecurityError
+from cardswitch.switch.standin import LocalCounters, StandInService, profile_problems
 from cardswitch.switch.steps import Context
 
 log = logging.getLogger("cardswitch.switch")
@@ -76,34 +93,55 @@ class LinkMac:
         return await self.security.verify_link_mac(self.bank_id, data, mac)
 
 
+def first_stan(last: str) -> int:
+    """Where a bank link's STANs go on after a restart: past the last one journaled."""
+    return int(last) % 999_999 + 1 if last.isdigit() and last.strip("0") else 1
+
+
 class SwitchApp:
     def __init__(self, network: Network, *, listen_port: int | None = None,
-                 link_wait_s: float = 3.0) -> None:
+                 link_wait_s: float = 3.0, saf_policy: SafPolicy | None = None) -> None:
         self.network = network
         self.link_wait_s = link_wait_s
         self.data_dir = network.switch.data_dir
         self.listen_port = listen_port
-        self.journal: Journal | None = None
+        self.journal: AnyJournal | None = None
         self.links: dict[str, BankLink] = {}
         self.acceptor: Acceptor | None = None
         self.pipeline: Pipeline | None = None
         self.hsm: HsmClient | None = None
         self.cutover: CutoverService | None = None
+        self.saf: SafForwarder | None = None
+        self.standin: StandInService | None = None
+        self.dedupe: DuplicateGuard | None = None
+        self.saf_policy = saf_policy or SafPolicy(max_age_s=float(network.switch.saf_max_age_s))
+        # on_alert(kind, detail): store-and-forward alerts (the MQTT feed hooks in here).
+        self.on_alert: Callable[[str, dict], Any] | None = None
+        self.recovered = (0, 0)               # (rows settled, reversals queued) at the last start
+        self.metrics = SwitchMetrics()
+        self.admin: AdminServer | None = None
+        self.events: EventPublisher | None = None
 
     async def start(self) -> None:
         net = self.network
         sw = net.switch
         Path(self.data_dir).mkdir(parents=True, exist_ok=True)
-        self.journal = journal = Journal.open(sw.journal, self.data_dir)
+        self.journal = journal = open_journal(sw.journal, self.data_dir)   # SQLite or PostgreSQL
+        self.metrics.attach(self)
+        if sw.mqtt:
+            # Events never slow a transaction: a down broker only fills a bounded buffer.
+            self.events = EventPublisher.from_network(net)
+            await self.events.start()
+            self.on_alert = self.on_alert or self.events.publish_alert
         self.cutover = CutoverService(journal, sw.timezone, sw.cutover, self._business_date_changed)
         business_date = self.cutover.restore()
         index = TxnIndex()
         index.mark_closed(journal.closed_batches())
         for rec in journal.load_for_recovery([business_date]):
             index.add(rec)
+        secret = token_secret(net, self.data_dir)
         ctx = Context(network=net, registry=Registry.from_network(net), bins=BinTable.from_network(net),
-                      index=index, token_secret=token_secret(net, self.data_dir),
-                      business_date=business_date)
+                      index=index, token_secret=secret, business_date=business_date)
         # Every secret goes through the HSM; the switch holds keys under its LMK only.
         self.hsm = HsmClient(net.hsm.listen, pool_size=2, timeout_s=1.0)
         await self.hsm.start()
@@ -114,15 +152,41 @@ class SwitchApp:
             link = BankLink(bank.id, list(bank.hosts), bank.link,
                             switch_institution_id=sw.institution_id,
                             echo_interval_s=sw.echo_interval_ms / 1000,
-                            mac=LinkMac(security, bank.id) if keys.zak.get(bank.id) else None)
+                            mac=LinkMac(security, bank.id) if keys.zak.get(bank.id) else None,
+                            first_stan=first_stan(journal.last_issuer_stan(bank.id)),
+                            on_state=self.events.link_state if self.events else None)
             self.links[bank.id] = link
+        issuer_timeout_s = sw.issuer_timeout_ms / 1000
+        self.saf = SafForwarder(journal, self.links, switch_inst=sw.institution_id,
+                                issuer_insts={b.id: b.institution_id for b in net.banks}, secret=secret,
+                                timeout_s=issuer_timeout_s, policy=self.saf_policy,
+                                on_alert=self._alert)
+        counters = LocalCounters()
+        counters.load(business_date, journal.standin_usage(business_date))
+        self.standin = StandInService(net, secret, counters)
+        for bank in net.banks:
+            for problem in profile_problems(bank.id, bank.stand_in):
+                log.error("%s", problem)
+        # Several switch processes share duplicate detection in Redis ([switch] redis).
+        self.dedupe = DuplicateGuard.from_config(sw)
         rrn = RrnAllocator(self._reserve_rrn)
         self.pipeline = Pipeline(ctx, journal, self.links, rrn=lambda: rrn.next(utc_now()),
                                  translate_pin=HsmPinTranslator(security),
-                                 issuer_timeout_s=sw.issuer_timeout_ms / 1000,
-                                 security=security)
+                                 issuer_timeout_s=issuer_timeout_s,
+                                 security=security, saf=self.saf, standin=self.standin,
+                                 dedupe=self.dedupe, stats=Fanout(self.metrics, self.events))
+        for bank_id, link in self.links.items():
+            link.on_late = functools.partial(self.pipeline.on_late, bank_id)
+        # What the last run left open: advices still owed, requests with no outcome.
+        resumed = self.saf.load()
+        self.recovered = self.pipeline.recover_pending()
+        if resumed or self.recovered[0]:
+            log.warning("recovery: %d advice(s) still owed, %d request(s) left without an outcome "
+                        "(timed out, %d reversal(s) queued)", resumed, *self.recovered)
+        journal.flush()
         for link in self.links.values():
             await link.start()
+        self.saf.start()
         # Terminals are let in once the banks have signed on (or after a short
         # wait: a bank that is down answers 91 until it is back).
         await self.wait_links_online(self.link_wait_s)
@@ -130,7 +194,10 @@ class SwitchApp:
         listen = sw.listen if self.listen_port is None else type(sw.listen)(sw.listen.host, self.listen_port)
         self.acceptor = Acceptor(listen, sw.link, self.pipeline)
         await self.acceptor.start()
-        log.info("switch listening on %s, business date %s", listen, business_date)
+        self.admin = AdminServer(self, self.metrics, on_cutover=self._cutover_now)
+        await self.admin.start()
+        log.info("switch listening on %s, business date %s; admin on %s", listen, business_date,
+                 sw.admin)
 
     async def wait_links_online(self, timeout: float) -> bool:
         """True once every bank link has signed on (used by `up` before `ready`)."""
@@ -157,6 +224,19 @@ class SwitchApp:
         """Requests received from now on carry the new date; those in flight keep theirs."""
         if self.pipeline is not None:
             self.pipeline.ctx.business_date = new
+        if self.standin is not None and isinstance(self.standin.counters, LocalCounters):
+            self.standin.counters.forget_before(new)
+
+    def _cutover_now(self) -> tuple[str, str]:
+        """POST /api/cutover: one day forward now (the operator's cutover)."""
+        assert self.cutover is not None and self.journal is not None
+        old = self.journal.get_state("business_date") or ""
+        return old, self.cutover.cutover_now("operator")
+
+    def _alert(self, kind: str, detail: dict) -> None:
+        cb = self.on_alert
+        if cb is not None:
+            cb(kind, detail)
 
     async def stop(self, drain_timeout: float = 10.0) -> None:
         if self.cutover is not None:
@@ -164,9 +244,16 @@ class SwitchApp:
         if self.acceptor is not None:
             await self.acceptor.stop(drain_timeout)
         if self.pipeline is not None:
-            await self.pipeline.drain()
+            await self.pipeline.drain()      # advices owed to banks that are up, for a few seconds
+            await self.pipeline.stop()
         for link in self.links.values():
             await link.stop()
+        if self.admin is not None:
+            await self.admin.stop()
+        if self.events is not None:
+            await self.events.stop()
+        if self.dedupe is not None:
+            await self.dedupe.close()
         if self.hsm is not None:
             await self.hsm.stop()
         if self.journal is not None:

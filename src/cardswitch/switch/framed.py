@@ -21,6 +21,18 @@ FRAMING = "framing"
 STALLED = "stalled"
 
 
+def worth_logging(n: int) -> bool:
+    """Whether the ``n``-th occurrence (from 1) of a repeated event gets a log
+    line: the first five, then the 10th, 100th, 1000th, ... A peer sending a
+    flood of bad frames costs a few log lines, not one per frame; the counters
+    (metrics) still see every one."""
+    if n <= 5:
+        return True
+    while n % 10 == 0:
+        n //= 10
+    return n == 1
+
+
 def framing_of(options: LinkOptions) -> tuple[Framing, bytes]:
     """The Framing and the configured fixed header bytes of a listener or link."""
     try:

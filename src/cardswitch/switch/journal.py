@@ -14,6 +14,11 @@ synchronous: they first wait for the writes queued before them, then read
 through their own connection, so they see everything written so far and
 never hold up the writer.
 
+The ``saf`` table is the store-and-forward queue (``cardswitch.switch.saf``):
+``saf_insert``/``saf_update`` write it through the same writer (so an advice
+queued before a transaction's outcome commits no later than that outcome),
+``saf_queued`` reads what is still owed after a restart.
+
 One process owns a journal file: ``open`` takes an exclusive lock next to
 it, because ids are allocated in memory from MAX(id). Other processes (an
 operator's report while the switch runs) open it with ``readonly=True``.
@@ -44,6 +49,7 @@ from cardswitch.storage.sqlite_writer import SqliteWriter, WriterClosed, connect
 from cardswitch.switch import journal_schema as schema
 from cardswitch.switch.index import BatchTotals
 from cardswitch.switch.records import Status, TxnRecord
+from cardswitch.switch.saf import QUEUED, SafEntry
 
 __all__ = ["BatchClose", "BatchTotals", "Journal", "JournalError", "UploadRow", "sqlite_path"]
 
@@ -135,6 +141,13 @@ def _txn_params(rec: TxnRecord) -> tuple[Any, ...]:
     return values
 
 
+def _saf_params(entry: SafEntry) -> tuple[Any, ...]:
+    values = tuple(getattr(entry, f) for f in schema.SAF_FIELDS)
+    if type(entry.amount) is not int or type(entry.id) is not int:
+        raise TypeError("journal: advice id and amount must be int (minor units)")
+    return values
+
+
 def _record(row: tuple) -> TxnRecord:
     rec = TxnRecord(*row)
     for name in schema.BOOL_FIELDS:
@@ -153,13 +166,14 @@ class Journal:
     """Open with ``Journal.open(url, data_dir)``; see the module docstring."""
 
     def __init__(self, path: str, writer: SqliteWriter | None, reader: sqlite3.Connection,
-                 lock_fd: int | None, max_id: int) -> None:
+                 lock_fd: int | None, max_id: int, max_saf_id: int = 0) -> None:
         self.path = path
         self._writer = writer
         self._reader = reader
         self._read_lock = threading.Lock()
         self._lock_fd = lock_fd
         self._ids = itertools.count(max_id + 1)
+        self._saf_ids = itertools.count(max_saf_id + 1)
         self._closed = False
 
     # -- opening and closing ---------------------------------------------------
@@ -200,12 +214,15 @@ class Journal:
             max_id = _prepare(path)
             writer = SqliteWriter(path, synchronous=synchronous)
             reader = _open_reader(path)
+            max_saf_id = reader.execute("SELECT COALESCE(MAX(id), 0) FROM saf").fetchone()[0]
         except BaseException:
             if writer is not None:
                 writer.close()
+            if reader is not None:
+                reader.close()
             os.close(lock_fd)
             raise
-        return cls(path, writer, reader, lock_fd, max_id)
+        return cls(path, writer, reader, lock_fd, max_id, max_saf_id)
 
     def close(self) -> None:
         """Commit what is queued and close. Idempotent."""
@@ -283,9 +300,28 @@ class Journal:
         return self._write("UPDATE txn SET cancelled = ?, cancelled_by = ? WHERE id = ?",
                            (cancelled, by_id, orig_id), loop)
 
+    def set_late_response(self, txn_id: int, rc: str,
+                          loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Future | None:
+        """Keep the issuer's answer that came after ``txn_id`` timed out (for the operators)."""
+        return self._write("UPDATE txn SET late_response_code = ? WHERE id = ?", (rc, txn_id), loop)
+
     def get(self, txn_id: int) -> TxnRecord | None:
         rows = self._select(schema.TXN_SELECT + " WHERE id = ?", (txn_id,))
         return _record(rows[0]) if rows else None
+
+    def last_issuer_stan(self, bank_id: str) -> str:
+        """Field 11 of the newest request sent to ``bank_id`` ("" when none): a
+        restarted link goes on from there rather than from 000001."""
+        rows = self._select("SELECT issuer_stan FROM txn WHERE issuer_id = ? AND issuer_stan != '' "
+                            "ORDER BY id DESC LIMIT 1", (bank_id,))
+        return rows[0][0] if rows else ""
+
+    def standin_usage(self, business_date: str) -> list[tuple[str, int, int]]:
+        """(pan_token, count, amount) of the stand-in approvals of a business date."""
+        return [tuple(r) for r in self._select(
+            "SELECT pan_token, COUNT(*), COALESCE(SUM(amount), 0) FROM txn "
+            "WHERE business_date = ? AND stand_in = 1 AND status = ? GROUP BY pan_token",
+            (business_date, Status.APPROVED))]
 
     def load_for_recovery(self, business_dates: Iterable[str],
                           open_batches_only: bool = True) -> list[TxnRecord]:
@@ -324,6 +360,38 @@ class Journal:
         rows = self._select(f"SELECT status, COUNT(*) FROM txn{where} GROUP BY status ORDER BY status",
                             params)
         return {status: n for status, n in rows}
+
+    # -- store-and-forward -----------------------------------------------------------
+
+    def next_saf_id(self) -> int:
+        if self._writer is None:
+            raise JournalError("journal opened read-only: no ids to allocate")
+        return next(self._saf_ids)
+
+    def saf_insert(self, entry: SafEntry, loop: asyncio.AbstractEventLoop | None = None
+                   ) -> asyncio.Future | None:
+        values = _saf_params(entry)
+        return self._write(schema.SAF_INSERT, values, loop)
+
+    def saf_update(self, entry: SafEntry, loop: asyncio.AbstractEventLoop | None = None
+                   ) -> asyncio.Future | None:
+        """Write ``entry``'s state, attempts and last error."""
+        return self._write(schema.SAF_UPDATE, (entry.state, entry.attempts, entry.last_error,
+                                               entry.updated_at or _utc_now(), entry.id), loop)
+
+    def saf_queued(self) -> list[SafEntry]:
+        """Every advice still owed, oldest first."""
+        return self.saf_entries(state=QUEUED)
+
+    def saf_entries(self, *, state: str | None = None, txn_id: int | None = None,
+                    bank_id: str | None = None) -> list[SafEntry]:
+        where, params = _where(state=state, txn_id=txn_id, bank_id=bank_id)
+        return [SafEntry(*r) for r in self._select(f"{schema.SAF_SELECT}{where} ORDER BY id", params)]
+
+    def saf_counts(self) -> dict[tuple[str, str], int]:
+        """(bank_id, state) -> number of advices."""
+        rows = self._select("SELECT bank_id, state, COUNT(*) FROM saf GROUP BY bank_id, state")
+        return {(b, st): n for b, st, n in rows}
 
     # -- batches -------------------------------------------------------------------
 

@@ -12,6 +12,11 @@ at import and by the tests).
 ``open_batch`` holds the terminal batches not yet closed by a 0500 answered
 00, kept by triggers as rows arrive and closes are recorded, so that the
 start-up query for open batches reads a handful of rows, not the journal.
+
+``saf`` is the store-and-forward queue (``cardswitch.switch.saf``): one row
+per advice owed to an issuer, one column per ``SafEntry`` field, derived the
+same way. Delivered and parked rows stay (for the operators); the partial
+index keeps the start-up query for the queued ones to a handful of rows.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ import dataclasses
 import typing
 
 from cardswitch.iso8583.constants import RC
+from cardswitch.switch import saf
 from cardswitch.switch.records import Status, TxnRecord
 
-SCHEMA_VERSION = 1
+# 2: the saf table (store-and-forward) and txn.late_response_code.
+SCHEMA_VERSION = 2
 
 FORBIDDEN_COLUMNS = frozenset({
     "pan", "to_pan", "track2", "track", "pin", "pin_block", "cvv", "cvv2", "cvc",
@@ -103,6 +110,25 @@ FINISH_FIELDS = OUTCOME_FIELDS
 TXN_FINISH = ("UPDATE txn SET " + ", ".join(f"{c} = ?" for c in FINISH_FIELDS) + " WHERE id = ?")
 FINISH_INDEXES = tuple(TXN_FIELDS.index(c) for c in FINISH_FIELDS)
 
+_SAF_HINTS = typing.get_type_hints(saf.SafEntry)
+
+
+def _saf_columns() -> tuple[tuple[str, str], ...]:
+    cols = []
+    for f in dataclasses.fields(saf.SafEntry):
+        if f.name in FORBIDDEN_COLUMNS:
+            raise TypeError(f"SafEntry.{f.name}: the journal never stores that")
+        cols.append((f.name, _column_type(f.name, _SAF_HINTS[f.name], f.default)))
+    return tuple(cols)
+
+
+SAF_COLUMNS = _saf_columns()
+SAF_FIELDS = tuple(name for name, _ in SAF_COLUMNS)
+SAF_SELECT = "SELECT " + ", ".join(SAF_FIELDS) + " FROM saf"
+SAF_INSERT = (f"INSERT INTO saf ({', '.join(SAF_FIELDS)}) "
+              f"VALUES ({', '.join('?' * len(SAF_FIELDS))})")
+SAF_UPDATE = "UPDATE saf SET state = ?, attempts = ?, last_error = ?, updated_at = ? WHERE id = ?"
+
 _TOTALS = ("credits_number", "credits_amount", "debits_number", "debits_amount")
 
 DDL = f"""
@@ -167,6 +193,14 @@ CREATE TABLE IF NOT EXISTS state (
     value TEXT NOT NULL,
     updated_at TEXT NOT NULL
 ) STRICT, WITHOUT ROWID;
+
+-- Store-and-forward: advices owed to issuers (never a clear PAN: pan_sealed is AES-GCM).
+CREATE TABLE IF NOT EXISTS saf (
+    {(',' + chr(10) + '    ').join(f'{n} {t}' for n, t in SAF_COLUMNS)},
+    CHECK (state IN ({', '.join(repr(x) for x in saf.STATES)}))
+) STRICT;
+CREATE INDEX IF NOT EXISTS saf_queued ON saf (bank_id, id) WHERE state = '{saf.QUEUED}';
+CREATE INDEX IF NOT EXISTS saf_txn ON saf (txn_id);
 """
 
 

@@ -25,7 +25,7 @@ FORWARDED_FIELDS = (
 )
 
 # Fields of an issuer's response that reach the terminal.
-ISSUER_RESULT_FIELDS = (F.AUTH_CODE, F.ADDITIONAL_AMOUNTS)
+ISSUER_RESULT_FIELDS = (F.AUTH_CODE, F.ADDITIONAL_AMOUNTS, F.ICC_DATA)   # 55: the issuer's tag 91 (ARPC)
 
 
 def issuer_request(req: Message, *, mti: str, pan: str, expiry: str, transmitted: str,
@@ -91,6 +91,31 @@ def reversal_advice(*, proc: str, amount: int, currency: str, orig_mti: str,
         F.MERCHANT_ID: merchant_id,
         F.CURRENCY: currency,
         F.ORIGINAL_DATA: format_field90(orig_mti, orig_stan, orig_transmitted, acquirer_inst, switch_inst),
+        F.RECEIVING_ID: issuer_inst,
+    }
+
+
+def stand_in_advice(*, pan: str, proc: str, amount: int, currency: str, transmitted: str, rrn: str,
+                    auth_code: str, terminal_id: str, merchant_id: str, business_date: str,
+                    acquirer_inst: str, switch_inst: str, issuer_inst: str) -> Message:
+    """0220 telling an issuer what the switch approved on its behalf (wire.md 8).
+
+    Carries the PAN (the issuer posts it to the card) and the switch's
+    authorization code; field 11 is the advice's own, kept for its repeats."""
+    return {
+        F.MTI: MTI.FIN_ADVICE,
+        F.PAN: pan,
+        F.PROC: proc,
+        F.AMOUNT: f"{amount:012d}",
+        F.TRANSMISSION_DT: transmitted,
+        F.SETTLEMENT_DATE: mmdd(business_date),
+        F.ACQUIRER_ID: acquirer_inst,
+        F.FORWARDER_ID: switch_inst,
+        F.RRN: rrn,
+        F.AUTH_CODE: auth_code,
+        F.TERMINAL_ID: terminal_id,
+        F.MERCHANT_ID: merchant_id,
+        F.CURRENCY: currency,
         F.RECEIVING_ID: issuer_inst,
     }
 

@@ -3,6 +3,11 @@
 ``Pipeline.handle`` is what the acceptor calls for each decoded request. Each
 flow below is a short list of named steps (``cardswitch.switch.steps`` holds
 the pure ones); the only waiting is on the issuer and on the journal.
+
+What the switch owes an issuer after the fact (reversal advices, stand-in
+advices) goes through the persistent store-and-forward queue
+(``cardswitch.switch.saf``), always journaled before the transaction's own
+outcome; ``recover_pending`` settles, at start, what a crash left open.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
 from cardswitch.iso8583.constants import (
@@ -21,6 +27,7 @@ from cardswitch.iso8583.constants import (
     NetMgmt,
     TxnType,
 )
+from cardswitch.logs import bind_trace
 from cardswitch.iso8583 import macfield
 from cardswitch.iso8583.dialect import Message, get_dialect
 from cardswitch.iso8583.validate import format_errors, missing_fields
@@ -28,8 +35,24 @@ from cardswitch.pan import mask_pan
 from cardswitch.switch import messages, steps
 from cardswitch.switch.banklink import LinkDown, LinkTimeout
 from cardswitch.switch.clock import field7, iso_utc, utc_now
+from cardswitch.switch.dedupe import duplicate_key
 from cardswitch.switch.records import Cancel, Kind, Status, TxnRecord
+from cardswitch.switch.saf import (
+    CREDIT_LEG,
+    DEBIT_LEG,
+    REVERSAL,
+    STAND_IN,
+    SafEntry,
+    SafForwarder,
+    issuer_original_mti,
+    reversal_entry,
+    reversal_of_advice,
+    stand_in_entry,
+)
 from cardswitch.switch.security import STATE_PREFIX, SecurityError
+from cardswitch.switch.standin import Request as StandInRequest
+from cardswitch.switch.standin import StandInService
+from cardswitch.switch.standin import auth_code as standin_auth_code
 from cardswitch.switch.steps import Context, Txn
 
 log = logging.getLogger("cardswitch.switch")
@@ -37,6 +60,7 @@ log = logging.getLogger("cardswitch.switch")
 # Request MTI -> the flow that handles it.
 FINANCIAL_MTIS = frozenset({MTI.AUTH_REQUEST, "0101", MTI.FIN_REQUEST, MTI.FIN_REQUEST_REPEAT})
 REVERSAL_MTIS = frozenset({MTI.REVERSAL_REQUEST, MTI.REVERSAL_REQUEST_REPEAT})
+
 
 class PinError(Exception):
     """The PIN block could not be translated; carries the response code."""
@@ -46,12 +70,17 @@ class PinError(Exception):
         self.rc = rc
 
 
+# Timed-out requests remembered for their late answers (per process, newest kept).
+LATE_MEMORY = 50_000
+
+
 class Pipeline:
     wants_raw = True   # the acceptor hands us the bytes as received: MACs are checked over them
 
     def __init__(self, ctx: Context, journal, links: Mapping[str, object], *,
                  rrn: Callable[[], str], translate_pin, issuer_timeout_s: float,
-                 stats=None, security=None) -> None:
+                 stats=None, security=None, saf: SafForwarder | None = None,
+                 standin: StandInService | None = None, dedupe=None) -> None:
         self.ctx = ctx
         self.journal = journal
         self.links = links
@@ -65,10 +94,23 @@ class Pipeline:
         self._loop = asyncio.get_event_loop()
         self.security = security                  # switch.security.Security, or None: no MACs
         self.dialect = get_dialect(ctx.network.switch.link.dialect)
+        # Advices owed to the issuers (reversals, stand-in), persistent.
+        self.saf = saf if saf is not None else SafForwarder(
+            journal, links, switch_inst=self.switch_inst,
+            issuer_insts={b.id: b.institution_id for b in ctx.network.banks},
+            secret=ctx.token_secret, timeout_s=issuer_timeout_s)
+        self.standin = standin if standin is not None else StandInService(ctx.network, ctx.token_secret)
+        # Duplicates across switch processes (dedupe.DuplicateGuard: async claim(key) -> bool,
+        # True when first), or None: duplicates are caught per process only.
+        self.dedupe = dedupe
+        # (bank, issuer STAN, RRN) of requests that timed out -> their record, for late answers.
+        self._timed_out: OrderedDict[tuple[str, str, str], TxnRecord] = OrderedDict()
+        self.late_answers = 0
 
     # -- entry point -----------------------------------------------------------
 
     async def handle(self, req: Message, conn=None, raw: bytes = b"") -> Message | None:
+        bind_trace()    # one trace ID for the terminal leg and the bank leg (logs.py)
         resp = await self._dispatch(req, raw)
         if resp is not None and self.security is not None and resp.get(F.MTI) != MTI.NETWORK_RESPONSE \
                 and self.security.keys.has_tak(resp.get(F.TERMINAL_ID, "")):
@@ -125,6 +167,8 @@ class Pipeline:
         ctx = self.ctx
         t = Txn(req=req, mti=req[F.MTI], received=utc_now(), t0=time.perf_counter())
         rc = steps.classify(t) or steps.validate(t, ctx) or steps.detect_duplicate(t, ctx)
+        if rc is None and t.replay_of is None and self.dedupe is not None:
+            rc = await self.claim(t)
         rec = steps.start_record(t, ctx, self.journal.next_id())
         if t.replay_of is not None:
             return await self.replay(t)
@@ -152,10 +196,31 @@ class Pipeline:
             return await self.respond(t, rc)
         except Exception:
             log.exception("transaction %s failed", rec.id)
+            if t.written_ahead and rec.status == Status.PENDING and rec.cancelled == Cancel.NONE:
+                # It may have reached the issuer: undo whatever it did there.
+                rec.status = Status.ERROR
+                self._reverse_record(rec)
             return await self.respond(t, RC.SYSTEM_MALFUNCTION)
 
+    async def claim(self, t: Txn) -> str | None:
+        """94 when another switch process saw this request first (shared guard)."""
+        req = t.req
+        key = duplicate_key(req[F.TERMINAL_ID], req[F.STAN], req[F.TRANSMISSION_DT], t.mti,
+                            self.ctx.business_date)
+        try:
+            first = await self.dedupe.claim(key)
+        except Exception as e:                  # the guard decides how it fails; never a crash here
+            log.warning("duplicate guard failed (%s): request let through", type(e).__name__)
+            return None
+        return None if first else RC.DUPLICATE
+
     async def ask_issuer(self, t: Txn) -> str:
-        """Translate the PIN, write ahead, send to the issuer, wait for its answer."""
+        """Translate the PIN, write ahead (with the issuer STAN), send, wait for the answer.
+
+        No answer in time: the request is reversed at the issuer (queued 0420)
+        and the terminal gets 91, or stand-in decides when the bank's profile
+        allows it; a link that is down: stand-in or 91, nothing to reverse.
+        """
         rec = t.record
         assert rec is not None and t.route is not None and t.info is not None
         bank = self._banks[t.route.bank_id]
@@ -181,16 +246,29 @@ class Pipeline:
             acquirer_inst=t.info.acquirer.institution_id, switch_inst=self.switch_inst,
             issuer_inst=bank.institution_id, pin_block=pin, original=original,
             mcc=t.info.mcc, acceptor=t.info.acceptor)
-        await self.journal.insert(rec, self._loop)      # write ahead: durable before the issuer sees it
+        try:
+            rec.issuer_stan = out[F.STAN] = link.reserve_stan()
+        except LinkDown:
+            rec.issuer_stan = rec.issuer_transmitted = ""
+            return await self.unreachable(t, link, timed_out=False)
+        # Write ahead: durable, with the STAN and field 7 the issuer will see,
+        # before the issuer sees it (a crash from here on is reversed at start).
+        await self.journal.insert(rec, self._loop)
+        t.written_ahead = True
         resp = await self._send(link, out, rec)
         if resp is None:
-            if rec.status == Status.TIMEOUT and t.kind != Kind.BALANCE:
-                # The issuer may have approved what the terminal will never see:
-                # undo it there (wire.md 8), once.
-                rec.cancelled = Cancel.REVERSED
-                self.journal.mark_cancelled(rec.id, Cancel.REVERSED, None)
-                self._background(self._deliver_reversal(rec))
-            return rec.response_code
+            timed_out = rec.status == Status.TIMEOUT
+            if timed_out:
+                self._remember_timeout(bank.id, rec.issuer_stan, rec)
+                if t.kind != Kind.BALANCE:
+                    # The issuer may have approved what the terminal will never see:
+                    # undo it there (wire.md 8), through the persistent queue.
+                    self._queue_reversal(rec)
+            else:
+                rec.issuer_stan = rec.issuer_transmitted = ""        # nothing was sent
+                if rec.response_code == RC.SYSTEM_MALFUNCTION:       # the switch's fault, not the bank's
+                    return rec.response_code
+            return await self.unreachable(t, link, timed_out=timed_out)
         rc = resp.get(F.RESPONSE_CODE, RC.SYSTEM_MALFUNCTION)
         rec.auth_code = resp.get(F.AUTH_CODE, "") if rc == RC.APPROVED else ""
         for k in messages.ISSUER_RESULT_FIELDS:
@@ -200,22 +278,79 @@ class Pipeline:
             rc = await self.transfer_credit(t, out)
         return rc
 
-    async def _send(self, link, out: Message, rec: TxnRecord, credit_leg: bool = False) -> Message | None:
+    async def _send(self, link, out: Message, rec: TxnRecord) -> Message | None:
+        """The issuer's answer to ``out`` (sent with the STAN already in it); None
+        when the link is down (nothing sent) or no answer came in time."""
+        t0 = time.perf_counter()
         try:
-            resp = await link.request(out, self.issuer_timeout_s)
-        except LinkDown:
-            rec.response_code = RC.ISSUER_INOPERATIVE
+            resp = await link.request(out, self.issuer_timeout_s, stan=out[F.STAN])
+            observe = getattr(self.stats, "observe_issuer", None)
+            if observe is not None:
+                observe(link.bank_id, time.perf_counter() - t0)
+            return resp
+        except (LinkDown, SecurityError) as e:
+            # Nothing sent (no MAC for it: the HSM is away, or the link is down).
+            rec.response_code = e.rc if isinstance(e, SecurityError) else RC.ISSUER_INOPERATIVE
             return None
         except LinkTimeout:
             rec.response_code = RC.ISSUER_INOPERATIVE
             rec.status = Status.TIMEOUT
             return None
-        finally:
-            if credit_leg:
-                rec.to_issuer_stan = out.get(F.STAN, "")
-            else:
-                rec.issuer_stan = out.get(F.STAN, "")
-        return resp
+
+    async def unreachable(self, t: Txn, link, *, timed_out: bool) -> str:
+        """The issuer could not answer: stand-in when its profile allows, else 91
+        (a timed-out request is then marked reversed: its 0420 is queued)."""
+        rec = t.record
+        assert rec is not None and t.route is not None
+        rc = await self.stand_in(t, link)
+        if rc == RC.APPROVED:
+            return rc
+        if timed_out and t.kind != Kind.BALANCE:
+            rec.cancelled = Cancel.REVERSED
+            self.journal.mark_cancelled(rec.id, Cancel.REVERSED, None)
+        return rc
+
+    async def stand_in(self, t: Txn, link) -> str:
+        """Approve on the issuer's behalf (standin.py rules) and queue the 0220; or
+        the code to answer instead (91 when stand-in does not apply)."""
+        rec = t.record
+        assert rec is not None and t.route is not None
+        bank_id = t.route.bank_id
+        if not self.standin.enabled(bank_id) or t.to_route is not None:
+            return RC.ISSUER_INOPERATIVE
+        now = utc_now()
+        decision = await self.standin.decide(
+            StandInRequest(bank_id=bank_id, mti=t.mti, txn_type=rec.proc[:2], amount=rec.amount,
+                           has_pin=F.PIN_BLOCK in t.req, has_original=F.ORIGINAL_DATA in t.req,
+                           pan_token=rec.pan_token, expiry=t.expiry),
+            rec.business_date, now)
+        if not decision.approve:
+            log.info("txn %s %s: no stand-in for %s (%s): %s", rec.id, rec.pan_masked, bank_id,
+                     decision.reason, decision.rc)
+            return decision.rc
+        try:
+            stan = link.reserve_stan()
+        except LinkDown:
+            return RC.ISSUER_INOPERATIVE
+        # The stand-in's issuer-side identity is its 0220 advice (a later 0420 names it).
+        rec.stand_in = True
+        rec.status = Status.PENDING
+        rec.auth_code = standin_auth_code(rec.id)
+        rec.issuer_stan, rec.issuer_transmitted = stan, field7(now)
+        if not rec.rrn:
+            rec.rrn = t.req.get(F.RRN) or self.next_rrn()
+        if not t.written_ahead:
+            # The row goes first: an advice is never in the journal without its transaction.
+            self.journal.insert(rec)
+            t.written_ahead = True
+        self.saf.enqueue(stand_in_entry(rec, entry_id=self.saf.next_id(),
+                                        pan_sealed=self.saf.seal(t.pan, rec.rrn),
+                                        acquirer_inst=self._acquirer_inst(rec), created_at=iso_utc(now)))
+        t.extra.pop(F.ADDITIONAL_AMOUNTS, None)
+        t.extra[F.AUTH_CODE] = rec.auth_code
+        log.warning("txn %s %s: approved in stand-in for %s (auth %s)", rec.id, rec.pan_masked, bank_id,
+                    rec.auth_code)
+        return RC.APPROVED
 
     async def transfer_credit(self, t: Txn, debit_out: Message) -> str:
         """Second leg of an interbank transfer; a failed credit reverses the debit (wire.md 8)."""
@@ -223,11 +358,21 @@ class Pipeline:
         assert rec is not None and t.to_route is not None
         bank = self._banks[t.to_route.bank_id]
         link = self.links.get(bank.id)
-        rec.to_issuer_transmitted = field7(utc_now())
-        out = messages.transfer_credit_request(debit_out, to_pan=t.to_pan,
-                                               transmitted=rec.to_issuer_transmitted,
-                                               issuer_inst=bank.institution_id)
-        resp = None if link is None else await self._send(link, out, rec, credit_leg=True)
+        resp = None
+        if link is not None:
+            rec.to_issuer_transmitted = field7(utc_now())
+            out = messages.transfer_credit_request(debit_out, to_pan=t.to_pan,
+                                                   transmitted=rec.to_issuer_transmitted,
+                                                   issuer_inst=bank.institution_id)
+            try:
+                rec.to_issuer_stan = out[F.STAN] = link.reserve_stan()
+            except LinkDown:
+                rec.to_issuer_stan = ""
+            if rec.to_issuer_stan:
+                await self.journal.finish(rec, self._loop)     # write ahead the credit leg
+                resp = await self._send(link, out, rec)
+                if resp is None and rec.status != Status.TIMEOUT:
+                    rec.to_issuer_stan = ""                     # nothing was sent
         rc = RC.ISSUER_INOPERATIVE if resp is None else resp.get(F.RESPONSE_CODE, RC.SYSTEM_MALFUNCTION)
         if rc == RC.APPROVED:
             rec.to_auth_code = resp.get(F.AUTH_CODE, "") if resp else ""
@@ -235,7 +380,10 @@ class Pipeline:
         credit_unknown = rec.status == Status.TIMEOUT   # the credit may have happened
         rec.status = Status.PENDING
         t.extra.pop(F.ADDITIONAL_AMOUNTS, None)          # the debit leg's balances no longer hold
-        self._background(self._reverse_at_issuer(rec, credit_leg=credit_unknown))
+        self._queue_reversal(rec, DEBIT_LEG)
+        if credit_unknown:
+            self._remember_timeout(bank.id, rec.to_issuer_stan, rec)
+            self._queue_reversal(rec, CREDIT_LEG)
         return rc
 
     async def reverse(self, t: Txn) -> str:
@@ -259,58 +407,140 @@ class Pipeline:
             if purchase is not None and purchase.cancelled == Cancel.VOIDED:
                 purchase.cancelled, purchase.cancelled_by = Cancel.NONE, None
                 self.journal.mark_cancelled(purchase.id, Cancel.NONE, None)
-        # The terminal's answer does not wait for the issuer: the advice is
-        # delivered behind it (store-and-forward).
-        self._background(self._deliver_reversal(orig))
+        # The terminal's answer does not wait for the issuer: the 0420 is queued
+        # (store-and-forward) and delivered behind it.
+        self._reverse_record(orig)
         return RC.APPROVED
 
-    async def _deliver_reversal(self, orig: TxnRecord) -> None:
-        if not await self._reverse_at_issuer(orig, credit_leg=bool(orig.to_issuer_stan)):
-            log.warning("reversal of txn %s not yet delivered to %s", orig.id, orig.issuer_id)
+    # -- store-and-forward ----------------------------------------------------------
 
-    async def _reverse_at_issuer(self, orig: TxnRecord, *, debit_leg: bool = True,
-                                 credit_leg: bool = False) -> bool:
-        """0420 for what ``orig`` did at its issuer, and at a transfer's receiving issuer."""
-        ok = True
-        if debit_leg:
-            ok = await self._advice(orig, orig.issuer_id, orig.issuer_stan, orig.issuer_transmitted,
-                                    orig.mti[:3] + "0", orig.proc)
-        if credit_leg and orig.to_issuer_id and orig.to_issuer_id != orig.issuer_id:
-            ok = await self._advice(orig, orig.to_issuer_id, orig.to_issuer_stan,
-                                    orig.to_issuer_transmitted, MTI.FIN_REQUEST,
-                                    TxnType.TRANSFER_CREDIT.value + orig.proc[2:]) and ok
-        return ok
+    def _reverse_record(self, rec: TxnRecord) -> None:
+        """0420s for what ``rec`` did at its issuer and, for an interbank
+        transfer, at the receiving issuer."""
+        if rec.issuer_stan:
+            self._queue_reversal(rec, DEBIT_LEG)
+        if rec.to_issuer_stan and rec.to_issuer_id and rec.to_issuer_id != rec.issuer_id:
+            self._queue_reversal(rec, CREDIT_LEG)
 
-    async def _advice(self, orig: TxnRecord, bank_id: str, stan: str, transmitted: str,
-                      orig_mti: str, proc: str) -> bool:
-        """Deliver one 0420 (then 0421 repeats). The reliability issue makes this a
-        persistent store-and-forward queue; for now a few tries in memory."""
-        bank = self._banks.get(bank_id)
-        link = self.links.get(bank_id)
-        if bank is None or link is None or not stan:
-            return False
-        acq = self._banks.get(orig.acquirer_id)
-        advice = messages.reversal_advice(
-            proc=proc, amount=orig.amount, currency=orig.currency, orig_mti=orig_mti,
-            orig_stan=stan, orig_transmitted=transmitted, transmitted=field7(utc_now()),
-            rrn=orig.rrn, terminal_id=orig.terminal_id, merchant_id=orig.merchant_id,
-            business_date=self.ctx.business_date,
-            acquirer_inst=acq.institution_id if acq else "", switch_inst=self.switch_inst,
-            issuer_inst=bank.institution_id)
-        for attempt in range(3):
-            if attempt:
-                advice[F.MTI] = MTI.REVERSAL_ADVICE_REPEAT
-            try:
-                resp = await link.request(advice, self.issuer_timeout_s)
-            except (LinkDown, LinkTimeout):
-                await asyncio.sleep(0.5 * (attempt + 1))
-                continue
-            if resp.get(F.RESPONSE_CODE) == RC.APPROVED:
-                return True
-        return False
+    def _queue_reversal(self, rec: TxnRecord, leg: str = DEBIT_LEG) -> SafEntry | None:
+        """Journal and queue the 0420 of one leg of ``rec`` (written before its outcome)."""
+        bank_id = rec.to_issuer_id if leg == CREDIT_LEG else rec.issuer_id
+        try:
+            stan = self.saf.reserve_stan(bank_id)
+        except (KeyError, LinkDown) as e:
+            log.error("txn %s: cannot queue the reversal for %s: %s", rec.id, bank_id, e)
+            return None
+        now = utc_now()
+        entry = reversal_entry(rec, entry_id=self.saf.next_id(), leg=leg, stan=stan,
+                               transmitted=field7(now), acquirer_inst=self._acquirer_inst(rec),
+                               business_date=self.ctx.business_date, created_at=iso_utc(now))
+        self.saf.enqueue(entry)
+        return entry
+
+    def _acquirer_inst(self, rec: TxnRecord) -> str:
+        acq = self._banks.get(rec.acquirer_id)
+        return acq.institution_id if acq else ""
+
+    def recover_pending(self) -> tuple[int, int]:
+        """At start: every row written ahead with no outcome (the switch stopped
+        while it was at an issuer) is marked timed out and reversed: a 0420 for
+        each request that may have reached an issuer (both legs of a transfer,
+        and a stand-in's 0220), unless one is queued already. Returns (rows, advices)."""
+        rows = self.journal.pending()
+        queued = 0
+        now = utc_now()
+        for row in rows:
+            rec = self.ctx.index.get(row.id) or row
+            existing = self.journal.saf_entries(txn_id=rec.id)
+            covered = {(e.bank_id, e.orig_stan, e.orig_transmitted) for e in existing if e.kind == REVERSAL}
+            wanted: list[tuple[str, Callable[[int, str], SafEntry]]] = []
+
+            def add(leg: str) -> None:
+                bank_id = rec.to_issuer_id if leg == CREDIT_LEG else rec.issuer_id
+                stan_, tx_ = ((rec.to_issuer_stan, rec.to_issuer_transmitted) if leg == CREDIT_LEG
+                              else (rec.issuer_stan, rec.issuer_transmitted))
+                if (bank_id, stan_, tx_) in covered:
+                    return
+                covered.add((bank_id, stan_, tx_))
+                wanted.append((bank_id, lambda i, s, leg=leg: reversal_entry(
+                    rec, entry_id=i, leg=leg, stan=s, transmitted=field7(now),
+                    acquirer_inst=self._acquirer_inst(rec), business_date=self.ctx.business_date,
+                    created_at=iso_utc(now))))
+
+            if rec.kind != Kind.BALANCE and rec.issuer_stan and rec.issuer_id:
+                add(DEBIT_LEG)
+            if rec.to_issuer_stan and rec.to_issuer_id and rec.to_issuer_id != rec.issuer_id:
+                add(CREDIT_LEG)
+            for adv in existing:
+                if adv.kind == STAND_IN and (adv.bank_id, adv.stan, adv.transmitted) not in covered:
+                    covered.add((adv.bank_id, adv.stan, adv.transmitted))
+                    wanted.append((adv.bank_id, lambda i, s, adv=adv: reversal_of_advice(
+                        adv, entry_id=i, stan=s, transmitted=field7(now),
+                        business_date=self.ctx.business_date, created_at=iso_utc(now))))
+            for bank_id, make in wanted:
+                try:
+                    stan = self.saf.reserve_stan(bank_id)
+                except (KeyError, LinkDown) as e:
+                    log.error("txn %s: cannot queue the reversal for %s: %s", rec.id, bank_id, e)
+                    continue
+                self.saf.enqueue(make(self.saf.next_id(), stan))
+                queued += 1
+            rec.status = Status.TIMEOUT
+            rec.response_code = rec.response_code or RC.ISSUER_INOPERATIVE
+            rec.completed_at = rec.completed_at or iso_utc(now)
+            if rec.cancelled == Cancel.NONE and (wanted or covered):
+                rec.cancelled = Cancel.REVERSED
+            self.journal.finish(rec)
+            if rec.cancelled == Cancel.REVERSED:
+                self.journal.mark_cancelled(rec.id, Cancel.REVERSED, rec.cancelled_by)
+            log.warning("txn %s %s: no outcome before the switch stopped: timed out, %d reversal(s) queued",
+                        rec.id, rec.pan_masked, len(wanted))
+        return len(rows), queued
+
+    # -- late answers ----------------------------------------------------------------
+
+    def _remember_timeout(self, bank_id: str, stan: str, rec: TxnRecord) -> None:
+        key = (bank_id, stan, rec.rrn)
+        self._timed_out[key] = rec
+        if len(self._timed_out) > LATE_MEMORY:
+            self._timed_out.popitem(last=False)
+
+    def on_late(self, bank_id: str, msg: Message) -> None:
+        """``BankLink.on_late``: an answer that came after its request timed out.
+
+        A late 0430/0230 delivers its queued advice (on a link without MACs:
+        late answers are not MAC-checked). A late 0110/0210 is kept
+        on the transaction's row (``late_response_code``, for the operators):
+        the terminal already had 91 and the 0420 is already queued, so nothing
+        else changes; a terminal's repeat from then on is answered 68.
+        """
+        mti = msg.get(F.MTI, "")
+        if mti[:3] in ("043", "023"):
+            if getattr(self.links.get(bank_id), "mac", None) is not None:
+                # A late answer's MAC is not checked: on a MAC'd link only a checked
+                # answer (to the advice's repeat) may settle an advice.
+                return
+            if not self.saf.on_late(bank_id, msg):
+                log.info("bank %s: late %s for no queued advice (stan %s)", bank_id, mti, msg.get(F.STAN))
+            return
+        rec = self._timed_out.pop((bank_id, msg.get(F.STAN, ""), msg.get(F.RRN, "")), None)
+        rc = msg.get(F.RESPONSE_CODE, "")
+        if rec is None:
+            log.warning("bank %s: unmatched response %s stan=%s rrn=%s rc=%s", bank_id, mti,
+                        msg.get(F.STAN), msg.get(F.RRN), rc)
+            return
+        self.late_answers += 1
+        rec.late_response_code = rc
+        self.journal.set_late_response(rec.id, rc)
+        log.warning("txn %s %s: %s answered %s after the timeout; the terminal had %s, the reversal "
+                    "is queued", rec.id, rec.pan_masked, bank_id, rc, rec.response_code or RC.ISSUER_INOPERATIVE)
 
     async def replay(self, t: Txn) -> Message:
-        """A repeat of a request already received: the same answer, nothing changes."""
+        """A repeat of a request already received: the same answer, nothing changes.
+
+        Except one case: the original timed out (91) and its issuer's answer
+        came later; the repeat is answered 68, "response received too late"
+        (the transaction stays reversed)."""
         seen = t.replay_of
         assert seen is not None
         done = self._done.get(seen.id)
@@ -318,21 +548,27 @@ class Pipeline:
             await asyncio.shield(done)
         stored = self.ctx.index.response_for(seen.id)
         if stored is not None:
-            return dict(stored)
-        extra: Message = {}
-        if seen.auth_code:
-            extra[F.AUTH_CODE] = seen.auth_code
-        if seen.balances:
-            extra[F.ADDITIONAL_AMOUNTS] = seen.balances
-        return messages.terminal_response(t.req, seen.response_code or RC.SYSTEM_MALFUNCTION,
-                                          business_date=seen.business_date, rrn=seen.rrn, extra=extra)
+            resp = dict(stored)
+        else:
+            extra: Message = {}
+            if seen.auth_code:
+                extra[F.AUTH_CODE] = seen.auth_code
+            if seen.balances:
+                extra[F.ADDITIONAL_AMOUNTS] = seen.balances
+            resp = messages.terminal_response(t.req, seen.response_code or RC.SYSTEM_MALFUNCTION,
+                                              business_date=seen.business_date, rrn=seen.rrn, extra=extra)
+        if seen.status == Status.TIMEOUT and seen.late_response_code \
+                and resp.get(F.RESPONSE_CODE) == RC.ISSUER_INOPERATIVE:
+            resp[F.RESPONSE_CODE] = RC.RESPONSE_TOO_LATE
+            resp.pop(F.AUTH_CODE, None)
+        return resp
 
     async def respond(self, t: Txn, rc: str) -> Message:
         """Finish the record, make it durable if approved, mark what it cancels, answer."""
         rec = t.record
         assert rec is not None
         rec.response_code = rc
-        if rec.status != Status.TIMEOUT:
+        if rec.status not in (Status.TIMEOUT, Status.ERROR):
             rec.status = Status.APPROVED if rc == RC.APPROVED else Status.DECLINED
         if rc != RC.APPROVED:
             rec.auth_code = ""
@@ -349,8 +585,7 @@ class Pipeline:
         resp = messages.terminal_response(t.req, rc, business_date=rec.business_date, rrn=rec.rrn,
                                           extra=t.extra)
         self.ctx.index.remember_response(rec.id, resp)
-        fut = self.journal.finish(rec, self._loop) if rec.issuer_stan or rec.issuer_transmitted \
-            else self.journal.insert(rec, self._loop)
+        fut = self.journal.finish(rec, self._loop) if t.written_ahead else self.journal.insert(rec, self._loop)
         if rc == RC.APPROVED:
             await fut                        # approval reaches the terminal only once durable
         done = self._done.pop(rec.id, None)
@@ -462,28 +697,25 @@ class Pipeline:
 
     # -- helpers -------------------------------------------------------------------
 
-    def _background(self, coro) -> None:
-        task = self._loop.create_task(coro)
-        _BACKGROUND.add(task)
-        task.add_done_callback(_BACKGROUND.discard)
-
     def _count(self, t: Txn, rc: str) -> None:
         if self.stats is not None:
             self.stats.count(t, rc)
 
-    async def drain(self) -> None:
-        """Wait for background work (reversal deliveries) to finish."""
-        if _BACKGROUND:
-            await asyncio.wait(list(_BACKGROUND), timeout=self.issuer_timeout_s * 3)
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Wait (bounded) for the advices owed to banks that are online to be
+        delivered; what is left stays queued in the journal."""
+        return await self.saf.drain(self.issuer_timeout_s * 3 if timeout is None else timeout)
 
-
-_BACKGROUND: set[asyncio.Task] = set()
+    async def stop(self) -> None:
+        """Stop the store-and-forward workers (the journal keeps what is queued)."""
+        await self.saf.stop()
 
 
 def _field90(o: TxnRecord, switch_inst: str, acquirer_inst: str) -> str:
     from cardswitch.iso8583.fields import format_field90
 
-    return format_field90(o.mti[:3] + "0", o.issuer_stan, o.issuer_transmitted, acquirer_inst, switch_inst)
+    return format_field90(issuer_original_mti(o), o.issuer_stan, o.issuer_transmitted, acquirer_inst,
+                          switch_inst)
 
 
 def _upload_row(req: Message):

@@ -84,8 +84,9 @@ class TxnRecord:
     latency_us: int = 0
     cancelled: str = Cancel.NONE
     cancelled_by: int | None = None
-    stand_in: bool = False
+    stand_in: bool = False        # approved by the switch on the issuer's behalf (0220 advice queued)
     balances: str = ""            # field 54 as answered (no secret: lets a repeat get the same answer)
+    late_response_code: str = ""  # the issuer's answer that came after the timeout (the txn stays 91, reversed)
 
     @property
     def approved(self) -> bool:

@@ -163,8 +163,10 @@ class Security:
         if tk is None or tk.tmk is None:
             raise SecurityError(RC.INVALID_TRANSACTION, f"terminal {terminal_id} has no TMK")
         try:
-            tpk = await self.hsm.generate_key(TMK_TPK, export_under=tk.tmk, export_flag="1")
-            tak = await self.hsm.generate_key(TAK, export_under=tk.tmk, export_flag="1")
+            # Exported as "X": plain TDES ECB halves under the TMK, which a
+            # terminal opens with its TMK (not the Thales variant scheme "U").
+            tpk = await self.hsm.generate_key(TMK_TPK, export_under=tk.tmk, export_flag="1", export_scheme="X")
+            tak = await self.hsm.generate_key(TAK, export_under=tk.tmk, export_flag="1", export_scheme="X")
         except HsmFailure as e:
             raise SecurityError(RC.SYSTEM_MALFUNCTION, f"HSM: {type(e).__name__}") from None
         field48 = (_bare(tpk.under_zmk_or_tmk) + tpk.check_value[:6]

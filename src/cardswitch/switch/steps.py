@@ -89,6 +89,7 @@ class Txn:
     record: TxnRecord | None = None
     replay_of: TxnRecord | None = None   # a repeat of something already received
     extra: Message = field(default_factory=dict)   # response fields from the issuer (38, 54)
+    written_ahead: bool = False          # its row is in the journal (pending) before any outcome
 
     @property
     def terminal_id(self) -> str:
