@@ -70,54 +70,46 @@ def transfer_credit_request(debit_req: Message, *, to_pan: str, transmitted: str
     return out
 
 
-def reversal_advice(*, proc: str, amount: int, currency: str, orig_mti: str,
-                    orig_stan: str, orig_transmitted: str, transmitted: str, rrn: str,
-                    terminal_id: str, merchant_id: str, business_date: str,
-                    acquirer_inst: str, switch_inst: str, issuer_inst: str) -> Message:
+def _advice(mti: str, *, proc: str, amount: int, currency: str, transmitted: str, rrn: str,
+            terminal_id: str, merchant_id: str, business_date: str, acquirer_inst: str,
+            switch_inst: str, issuer_inst: str) -> Message:
+    """The fields every advice to an issuer carries."""
+    return {
+        F.MTI: mti,
+        F.PROC: proc,
+        F.AMOUNT: f"{amount:012d}",
+        F.TRANSMISSION_DT: transmitted,
+        F.SETTLEMENT_DATE: mmdd(business_date),
+        F.ACQUIRER_ID: acquirer_inst,
+        F.FORWARDER_ID: switch_inst,
+        F.RRN: rrn,
+        F.TERMINAL_ID: terminal_id,
+        F.MERCHANT_ID: merchant_id,
+        F.CURRENCY: currency,
+        F.RECEIVING_ID: issuer_inst,
+    }
+
+
+def reversal_advice(*, orig_mti: str, orig_stan: str, orig_transmitted: str, **common) -> Message:
     """0420 to an issuer, naming the switch-to-issuer original in field 90.
 
     No PAN: field 90 identifies the original, and a queued advice must be
     rebuildable from the journal, which never holds a full PAN."""
-    return {
-        F.MTI: MTI.REVERSAL_ADVICE,
-        F.PROC: proc,
-        F.AMOUNT: f"{amount:012d}",
-        F.TRANSMISSION_DT: transmitted,
-        F.SETTLEMENT_DATE: mmdd(business_date),
-        F.ACQUIRER_ID: acquirer_inst,
-        F.FORWARDER_ID: switch_inst,
-        F.RRN: rrn,
-        F.TERMINAL_ID: terminal_id,
-        F.MERCHANT_ID: merchant_id,
-        F.CURRENCY: currency,
-        F.ORIGINAL_DATA: format_field90(orig_mti, orig_stan, orig_transmitted, acquirer_inst, switch_inst),
-        F.RECEIVING_ID: issuer_inst,
-    }
+    out = _advice(MTI.REVERSAL_ADVICE, **common)
+    out[F.ORIGINAL_DATA] = format_field90(orig_mti, orig_stan, orig_transmitted,
+                                          common["acquirer_inst"], common["switch_inst"])
+    return out
 
 
-def stand_in_advice(*, pan: str, proc: str, amount: int, currency: str, transmitted: str, rrn: str,
-                    auth_code: str, terminal_id: str, merchant_id: str, business_date: str,
-                    acquirer_inst: str, switch_inst: str, issuer_inst: str) -> Message:
+def stand_in_advice(*, pan: str, auth_code: str, **common) -> Message:
     """0220 telling an issuer what the switch approved on its behalf (wire.md 8).
 
     Carries the PAN (the issuer posts it to the card) and the switch's
     authorization code; field 11 is the advice's own, kept for its repeats."""
-    return {
-        F.MTI: MTI.FIN_ADVICE,
-        F.PAN: pan,
-        F.PROC: proc,
-        F.AMOUNT: f"{amount:012d}",
-        F.TRANSMISSION_DT: transmitted,
-        F.SETTLEMENT_DATE: mmdd(business_date),
-        F.ACQUIRER_ID: acquirer_inst,
-        F.FORWARDER_ID: switch_inst,
-        F.RRN: rrn,
-        F.AUTH_CODE: auth_code,
-        F.TERMINAL_ID: terminal_id,
-        F.MERCHANT_ID: merchant_id,
-        F.CURRENCY: currency,
-        F.RECEIVING_ID: issuer_inst,
-    }
+    out = _advice(MTI.FIN_ADVICE, **common)
+    out[F.PAN] = pan
+    out[F.AUTH_CODE] = auth_code
+    return out
 
 
 def terminal_response(req: Message, rc: str, *, business_date: str = "", rrn: str = "",

@@ -133,6 +133,15 @@ class Pipeline:
             return messages.terminal_response(req, RC.INVALID_TRANSACTION)
         return None  # responses and advices from a terminal get no answer
 
+    def overloaded(self, req: Message) -> Message | None:
+        """The acceptor sheds a request beyond its overall in-flight cap: 91 at once,
+        with an RRN and the business date like any other answer (not journaled:
+        a resend is processed normally)."""
+        if req.get(F.MTI, "")[2:3] not in ("0", "2", "4"):
+            return None
+        return messages.terminal_response(req, RC.ISSUER_INOPERATIVE, business_date=self.ctx.business_date,
+                                          rrn=req.get(F.RRN) or self.next_rrn())
+
     def format_error(self, partial: Message, reason: str) -> Message | None:
         return messages.format_error_response(partial)
 
