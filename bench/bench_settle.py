@@ -1,6 +1,7 @@
 """Settlement at scale: time and peak memory of `settle` over a large day.
 
     .venv/bin/python bench/bench_settle.py [--txns 1000000] [--merchants 10000] [--runs 3] [--dir DIR]
+        [--postgres URL|auto]
 
 Builds (once per --dir; reused when it is already there) a network file of
 --merchants merchants at 8 banks (written by ``netfile.dump_network`` and
@@ -20,7 +21,16 @@ Each run settles the date in a child process (`python bench_settle.py
 included). Reported: the median of --runs runs, each run's figures, and the
 baseline of the same child doing nothing but importing cardswitch and
 counting the date's rows with one SQL query (what a run costs before any
-settlement work). Goal (issue 5): 1,000,000 transactions over 10,000
+settlement work).
+
+With ``--postgres URL`` (``auto``: ``postgresql://postgres@127.0.0.1:5432/postgres``)
+the same day is settled from a PostgreSQL journal instead: the generated
+SQLite journal's rows are bulk-copied (COPY, ``copy_records_to_table``)
+into a fresh schema (the URL's ``?schema=`` if given, else
+``bench_settle_<pid>``) created by ``PgJournal.open``, settled with the
+network's journal URL pointing at it (output under ``<dir>/pg``), and the
+schema is dropped afterwards unless the URL named it. The baseline counts
+the date's rows in PostgreSQL. Goal (issue 5): 1,000,000 transactions over 10,000
 merchants in under 30 s and under 1 GB peak.
 """
 
@@ -220,14 +230,125 @@ def build_journal(data_dir: Path, net: Network, txns: int, seed: int = 1) -> Non
     con.close()
 
 
-def child(data_dir: str, mode: str) -> None:
+PG_DEFAULT = "postgresql://postgres@127.0.0.1:5432/postgres"
+_COPY_CHUNK = 50_000
+_BATCH_CLOSE_COLS = ("terminal_id", "batch", "business_date", "result", "closed_at",
+                     "switch_credits_number", "switch_credits_amount", "switch_debits_number",
+                     "switch_debits_amount", "terminal_credits_number", "terminal_credits_amount",
+                     "terminal_debits_number", "terminal_debits_amount")
+_UPLOAD_COLS = ("terminal_id", "batch", "rrn", "stan", "proc", "amount", "auth_code", "pan_masked", "received_at")
+
+
+def pg_url(url: str) -> tuple[str, bool]:
+    """(the journal URL to settle from, whether its schema is ours to drop)."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+    url = PG_DEFAULT if url == "auto" else url
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(k == "schema" for k, _ in query):
+        return url, False
+    query.append(("schema", f"bench_settle_{os.getpid()}"))
+    return urlunsplit(parts._replace(query=urlencode(query))), True
+
+
+def load_postgres(data_dir: Path, url: str) -> int:
+    """Copy the generated SQLite journal into the PostgreSQL journal ``url``; rows copied."""
+    import asyncio
+
+    import asyncpg
+
+    from cardswitch.switch.journal_pg import PgJournal, pg_target
+
+    target = pg_target(url)
+    j = PgJournal.open(url)                 # creates the schema, as the switch would
+    j.set_state(STATE_BUSINESS_DATE, NEXT)
+    j.close()
+    src = sqlite3.connect(str(data_dir / "journal.db"))
+    fields = schema.TXN_FIELDS
+    bools = [i for i, f in enumerate(fields) if schema._HINTS[f] is bool]
+
+    async def copy() -> int:
+        con = await asyncpg.connect(target.dsn)
+        n = 0
+        try:
+            await con.execute(f"TRUNCATE {target.schema}.txn, {target.schema}.batch_close, "
+                              f"{target.schema}.batch_upload, {target.schema}.open_batch")
+            cur = src.execute(f"SELECT {', '.join(fields)} FROM txn ORDER BY id")
+            while chunk := cur.fetchmany(_COPY_CHUNK):
+                if bools:
+                    chunk = [tuple(bool(v) if i in bools else v for i, v in enumerate(r)) for r in chunk]
+                await con.copy_records_to_table("txn", records=chunk, columns=list(fields),
+                                                schema_name=target.schema)
+                n += len(chunk)
+            for table, cols in (("batch_close", _BATCH_CLOSE_COLS), ("batch_upload", _UPLOAD_COLS)):
+                rows = src.execute(f"SELECT {', '.join(cols)} FROM {table} ORDER BY id").fetchall()
+                if rows:
+                    await con.copy_records_to_table(table, records=rows, columns=list(cols),
+                                                    schema_name=target.schema)
+            await con.execute(f"ANALYZE {target.schema}.txn")
+        finally:
+            await con.close()
+        return n
+
+    try:
+        return asyncio.run(copy())
+    finally:
+        src.close()
+
+
+def pg_row_count(url: str) -> int:
+    import asyncio
+
+    import asyncpg
+
+    from cardswitch.switch.journal_pg import pg_target
+
+    target = pg_target(url)
+
+    async def count() -> int:
+        con = await asyncpg.connect(target.dsn)
+        try:
+            return await con.fetchval(f"SELECT COUNT(*) FROM {target.schema}.txn WHERE business_date = $1", DATE)
+        finally:
+            await con.close()
+
+    return asyncio.run(count())
+
+
+def drop_pg_schema(url: str) -> None:
+    import asyncio
+
+    import asyncpg
+
+    from cardswitch.switch.journal_pg import pg_target
+
+    target = pg_target(url)
+
+    async def drop() -> None:
+        con = await asyncpg.connect(target.dsn)
+        try:
+            await con.execute(f"DROP SCHEMA IF EXISTS {target.schema} CASCADE")
+        finally:
+            await con.close()
+
+    asyncio.run(drop())
+
+
+def child(data_dir: str, mode: str, pg: str | None = None) -> None:
     t0 = time.perf_counter()
     from cardswitch.netfile import load_network
     net = load_network(os.path.join(data_dir, "network.toml"))
+    if pg:
+        import dataclasses
+        out = os.path.join(data_dir, "pg")
+        net = dataclasses.replace(net, switch=dataclasses.replace(net.switch, journal=pg, data_dir=out))
     if mode == "baseline":
-        con = sqlite3.connect(os.path.join(data_dir, "journal.db"))
-        n = con.execute("SELECT COUNT(*) FROM txn WHERE business_date = ?", (DATE,)).fetchone()[0]
-        con.close()
+        if pg:
+            n = pg_row_count(pg)
+        else:
+            con = sqlite3.connect(os.path.join(data_dir, "journal.db"))
+            n = con.execute("SELECT COUNT(*) FROM txn WHERE business_date = ?", (DATE,)).fetchone()[0]
+            con.close()
         result = {"rows": n}
     else:
         from cardswitch.settlement.run import settle
@@ -241,8 +362,9 @@ def child(data_dir: str, mode: str) -> None:
     print(json.dumps(result))
 
 
-def run_child(data_dir: Path, mode: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", mode, "--dir", str(data_dir)],
+def run_child(data_dir: Path, mode: str, pg: str | None = None) -> dict:
+    extra = ["--pg-journal", pg] if pg else []
+    out = subprocess.run([sys.executable, __file__, "--child", mode, "--dir", str(data_dir), *extra],
                          check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -253,10 +375,16 @@ def main() -> int:
     ap.add_argument("--merchants", type=int, default=10_000)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dir", help="where to keep the generated network and journal (reused if present)")
-    ap.add_argument("--child", choices=("settle", "baseline"), help=argparse.SUPPRESS)
+    ap.add_argument("--postgres", metavar="URL|auto",
+                    help="settle from a PostgreSQL journal (a fresh schema unless the URL names one)")
+    ap.add_argument("--child", choices=("settle", "baseline", "load"), help=argparse.SUPPRESS)
+    ap.add_argument("--pg-journal", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child == "load":
+        print(json.dumps({"rows": load_postgres(Path(args.dir), args.pg_journal)}))
+        return 0
     if args.child:
-        child(args.dir, args.child)
+        child(args.dir, args.child, args.pg_journal)
         return 0
     tmp = None
     if args.dir:
@@ -272,10 +400,27 @@ def main() -> int:
         build_journal(data, net, args.txns)
         print(f"generated {args.txns:,} requests over {args.merchants:,} merchants in "
               f"{time.perf_counter() - t0:.1f}s ({data})", flush=True)
-    base = run_child(data, "baseline")
+    pg, drop = pg_url(args.postgres) if args.postgres else (None, False)
+    try:
+        if pg:
+            t0 = time.perf_counter()
+            # In a child: the settle children's peak RSS (ru_maxrss) starts from this
+            # process's RSS when they are spawned, so this one stays small.
+            n = run_child(data, "load", pg)["rows"]
+            print(f"copied {n:,} journal rows into PostgreSQL in {time.perf_counter() - t0:.1f}s "
+                  f"({pg.split('@')[-1]})", flush=True)
+        return report(args, data, tmp, pg)
+    finally:
+        if pg and drop:
+            drop_pg_schema(pg)
+
+
+def report(args: argparse.Namespace, data: Path, tmp, pg: str | None) -> int:
+    journal = "PostgreSQL" if pg else "SQLite"
+    base = run_child(data, "baseline", pg)
     runs = []
     for i in range(args.runs):
-        r = run_child(data, "settle")
+        r = run_child(data, "settle", pg)
         runs.append(r)
         print(f"run {i + 1}: {r['seconds']:.2f}s wall, {r['cpu_seconds']:.2f}s CPU, peak RSS {r['max_rss_mb']:.0f} MB, "
               f"{r['counted']:,} counted, {r['merchants']:,} merchant rows", flush=True)
@@ -285,7 +430,7 @@ def main() -> int:
     print(f"baseline (start, read the network, count rows): {base['seconds']:.2f}s wall, "
           f"{base['cpu_seconds']:.2f}s CPU, "
           f"peak RSS {base['max_rss_mb']:.0f} MB, {base['rows']:,} rows")
-    print(f"settle median of {len(runs)}: {med_s:.2f}s wall ({med_s / max(base['seconds'], 1e-9):.1f}x baseline), "
+    print(f"{journal} settle median of {len(runs)}: {med_s:.2f}s wall ({med_s / max(base['seconds'], 1e-9):.1f}x baseline), "
           f"{med_c:.2f}s CPU, peak RSS {med_m:.0f} MB (load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} CPUs: wall time on a shared machine is an upper bound)")
     ok = med_s < 30 and med_m < 1024

@@ -27,6 +27,13 @@ by the load generator: the switch does an HSM PIN translation (CA), a MAC
 check (M8) and a response MAC (M6) per transaction. Reported next to the
 plain purchases, both against the same relay baseline, with their ratio and
 the load generator's CPU use (so a generator near one core shows).
+
+``--workers 1,2 --pg URL --redis URL``: instead of step 2-3, the switch as
+`cardswitch up --only switch --workers N` for each N, every N on a fresh
+PostgreSQL schema (journal) with Redis (duplicates), so every N pays the same
+shared-journal costs; each N's TPS is reported as a ratio to the relay
+measured in the same run (on a 2-core machine, with the load generator and
+the bank on the same cores, N = 2 shows what the port sharing buys there).
 """
 
 from __future__ import annotations
@@ -334,12 +341,87 @@ def repeated(bench: Bench, label: str, port: int, middle: dict[str, int], **kw) 
 # -- the switch phase -------------------------------------------------------------------------
 
 
-def switch_command(args, net: BenchNetwork, bank_port: int, parts: str) -> list[str]:
+def switch_command(args, net: BenchNetwork, bank_port: int, parts: str, workers: int = 1) -> list[str]:
     if args.switch_cmd:
         values = {"python": sys.executable, "config": str(net.path), "listen_port": str(net.listen_port),
                   "bank_port": str(bank_port), "bench": str(BENCH_DIR)}
         return [tok.format(**values) for tok in shlex.split(args.switch_cmd)]
-    return cardswitch_argv() + ["up", "-c", str(net.path), "--only", parts]
+    extra = ["--workers", str(workers)] if workers != 1 else []
+    return cardswitch_argv() + ["up", "-c", str(net.path), "--only", parts] + extra
+
+
+# -- --workers: the switch as N processes on one port (PostgreSQL + Redis) ---------------------
+
+
+def parse_workers(text: str) -> list[int]:
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--workers {text!r}: expected counts like 1,2") from None
+    if not counts or any(not 1 <= n <= 10 for n in counts):
+        raise ValueError(f"--workers {text!r}: counts from 1 to 10")
+    return counts
+
+
+def shared_network(net: BenchNetwork, workdir: Path, n: int, pg: str, redis: str) -> tuple[BenchNetwork, str]:
+    """A copy of ``net`` on a fresh PostgreSQL schema and Redis, data in its own folder."""
+    import uuid
+
+    from cardswitch.netfile import dump_network, load_network
+
+    schema = f"bench_w{n}_{uuid.uuid4().hex[:10]}"
+    sep = "&" if "?" in pg else "?"
+    network = load_network(str(net.path))
+    data_dir = workdir / f"data_w{n}"
+    network = dataclasses.replace(network, switch=dataclasses.replace(
+        network.switch, data_dir=str(data_dir), journal=f"{pg}{sep}schema={schema}", redis=redis))
+    path = workdir / f"network_w{n}.toml"
+    path.write_text(dump_network(network), "utf-8")
+    return BenchNetwork(path, net.listen_port, net.source), schema
+
+
+def drop_schema(pg: str, schema: str) -> None:
+    import asyncio
+
+    import asyncpg
+
+    async def drop() -> None:
+        con = await asyncpg.connect(pg)
+        try:
+            await con.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await con.close()
+
+    try:
+        asyncio.run(drop())
+    except Exception as e:   # the numbers are taken; a schema left behind is only a warning
+        print(f"bench: warning: schema {schema} not dropped ({e})", file=sys.stderr)
+
+
+def measure_workers(bench: Bench, net: BenchNetwork, bank_port: int, bank_pid: int, relay_m: dict) -> dict:
+    """{N: {"runs", "median", "tps_to_relay"}} for each --workers count."""
+    args = bench.args
+    out: dict[str, dict] = {}
+    if not args.no_hsm:
+        progress("starting the HSM simulator (cardswitch up --only hsm)")
+        bench.hsm, _ = bench.start("hsm", switch_command(args, net, bank_port, "hsm"))
+    for n in parse_workers(args.workers):
+        shared, schema = shared_network(net, bench.workdir, n, args.pg, args.redis)
+        try:
+            progress(f"starting the switch with --workers {n}")
+            switch, _ = bench.start(f"switch_w{n}", switch_command(args, shared, bank_port, "switch", n))
+            middle = {"switch": switch.pid, "bank": bank_pid}
+            if bench.hsm is not None:
+                middle["hsm"] = bench.hsm.pid
+            wait_until_approving(bench, shared.listen_port, shared.path)
+            runs = repeated(bench, f"switch x{n}", shared.listen_port, middle, network=shared.path)
+            med = summary(runs, "switch")
+            out[str(n)] = {"runs": runs, "median": med,
+                           "tps_to_relay": med["tps"] / relay_m["tps"] if relay_m["tps"] else None}
+            bench.stop(switch)
+        finally:
+            drop_schema(args.pg, schema)
+    return out
 
 
 def start_switch(bench: Bench, net: BenchNetwork, bank_port: int) -> tuple[Child, Child | None]:
@@ -422,6 +504,8 @@ def table(result: dict) -> str:
     ]
     if result.get("switch_security"):
         rows.append(("switch, PIN+MAC", result["switch_security"]["median"]))
+    for n, w in (result.get("workers") or {}).items():
+        rows.append((f"switch --workers {n}", w["median"]))
     for name, m in rows:
         lines.append(
             f"{name:22}{fmt(m['tps'], '9.0f')}{fmt(m['p50_ms'], '9.2f')}{fmt(m['p90_ms'], '9.2f')}"
@@ -439,6 +523,9 @@ def table(result: dict) -> str:
         lines.append(
             f"goal: TPS >= {GOAL_TPS_RATIO:g} x relay: {yes[g['tps_ratio_ok']]};  "
             f"p99 < {GOAL_P99_MS:g} ms at half peak rate: {yes[g['p99_ok']]}")
+    if result.get("workers"):
+        lines += ["", "against the relay (PostgreSQL journal + Redis, same run): " + ", ".join(
+            f"--workers {n}: TPS {fmt(w['tps_to_relay'], '.3f')}" for n, w in result["workers"].items())]
     sec = result.get("security")
     if sec:
         lines += [
@@ -468,7 +555,7 @@ def run(args) -> dict:
         "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()},
         "config": {k: getattr(args, k) for k in (
             "terminals", "procs", "duration", "warmup", "repeat", "amount", "with_issuer_sim",
-            "bench_network", "switch_cmd", "security")},
+            "bench_network", "switch_cmd", "security", "workers")},
     }
     try:
         progress("starting the instant bank")
@@ -487,7 +574,9 @@ def run(args) -> dict:
         result["relay"] = {"runs": runs, "median": summary(runs, "relay")}
         bench.stop(relay)
 
-        if not args.skip_switch:
+        if args.workers:
+            result["workers"] = measure_workers(bench, net, bank_port, bank.pid, result["relay"]["median"])
+        elif not args.skip_switch:
             switch, banks = start_switch(bench, net, bank_port)
             # "bank": the instant bank, or the simulated issuers (for information)
             middle = {"switch": switch.pid, "bank": (banks or bank).pid}
@@ -554,7 +643,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ready-timeout", type=float, default=60.0, help="seconds to wait for 'ready'")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, network file)")
+    ap.add_argument("--workers", default="", metavar="N,N",
+                    help="measure `up --workers N` for each N (e.g. 1,2) on PostgreSQL + Redis "
+                         "instead of the single switch; needs --pg and --redis")
+    ap.add_argument("--pg", default=os.environ.get("CARDSWITCH_TEST_POSTGRES", ""), metavar="URL",
+                    help="PostgreSQL for --workers (default $CARDSWITCH_TEST_POSTGRES)")
+    ap.add_argument("--redis", default=os.environ.get("CARDSWITCH_TEST_REDIS", ""), metavar="URL",
+                    help="Redis for --workers (default $CARDSWITCH_TEST_REDIS)")
     args = ap.parse_args(argv)
+    if args.workers:
+        try:
+            parse_workers(args.workers)
+        except ValueError as e:
+            ap.error(str(e))
+        if not args.pg or not args.redis or args.switch_cmd:
+            ap.error("--workers needs --pg URL and --redis URL (and no --switch-cmd)")
     if args.repeat < 1 or args.terminals < 1 or args.procs < 1 or args.duration <= 0 or args.warmup < 0:
         ap.error("--repeat, --terminals, --procs must be >= 1, --duration > 0, --warmup >= 0")
 

@@ -391,3 +391,34 @@ def test_run_security_compares_pin_and_mac_load_with_plain(tmp_path):
     sec = result["security"]
     assert sec["tps_ratio"] == pytest.approx(m["tps"] / result["switch"]["median"]["tps"])
     assert sec["secure_tps_to_relay"] == pytest.approx(m["tps"] / result["relay"]["median"]["tps"])
+
+
+def test_bench_outage_measures_baseline_outage_and_saf_drain(tmp_path):
+    """bench/bench_outage.py end to end with tiny phases: the JSON has every figure (no timings checked)."""
+    out_file = tmp_path / "outage.json"
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "bench_outage.py"), "--terminals", "2", "--duration", "0.4",
+         "--warmup", "0.1", "--repeat", "1", "--drain-timeout", "60", "--out", str(out_file)],
+        capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert "switch, bank down" in out.stdout and "SAF queue empty" in out.stdout
+    result = json.loads(out_file.read_text())
+    assert result["relay"]["median"]["tps"] > 0
+    rep = result["repeats"][0]
+    assert REPORT_FIELDS <= rep["baseline"].keys() and REPORT_FIELDS <= rep["outage"].keys()
+    assert rep["baseline"]["approved"] > 0
+    # the bank is down: stand-in approves (00) or the switch answers 91, nothing else
+    assert rep["outage"]["completed"] > 0
+    assert set(rep["outage"]["responses"]) <= {"00", "91"}
+    assert rep["outage"]["approved"] > 0                      # the stand-in profile is in force
+    assert rep["outage"]["approved_share"] + rep["outage"]["unavailable_share"] == pytest.approx(1.0)
+    rec = rep["recovery"]
+    assert rec["queued_at_return"] >= rep["outage"]["approved"]  # a 0220 per stand-in approval, at least
+    assert rec["advices_delivered"] == rec["queued_at_return"] and rec["left_in_queue"] is None
+    assert rec["drain_s"] is not None and rec["drain_s"] >= 0
+    m = result["median"]
+    for phase, keys in (("baseline", ("tps", "p50_ms", "p99_ms", "tps_to_relay")),
+                        ("outage", ("tps", "p99_ms", "approved_share", "unavailable_share", "tps_to_relay")),
+                        ("recovery", ("drain_s", "advices_delivered"))):
+        for k in keys:
+            assert m[phase][k] is not None, (phase, k)

@@ -99,12 +99,82 @@ def _wait_accepting(endpoints: list[Endpoint], procs: list[subprocess.Popen], ti
         time.sleep(0.05)
 
 
+MAX_WORKERS = 10   # worker index K is one digit of the RRN sequence (switch.app.MAX_NODES)
+
+
+def workers_problem(net: Network, workers: int) -> str | None:
+    """Why ``--workers N`` cannot run on ``net`` (one line), or None."""
+    from cardswitch.switch.journals import is_postgres_url
+
+    if not 1 <= workers <= MAX_WORKERS:
+        return f"--workers {workers}: expected 1 to {MAX_WORKERS}"
+    if workers == 1:
+        return None
+    if not is_postgres_url(net.switch.journal):
+        return (f"--workers {workers} needs [switch] journal = postgresql://... "
+                f"(SQLite has one writer)")
+    if not net.switch.redis:
+        return (f"--workers {workers} needs [switch] redis = redis://... "
+                f"(the workers share duplicate detection)")
+    return None
+
+
+def _listening_pid(pid: int, port: int) -> bool:
+    """True once process ``pid`` holds a listening TCP socket on ``port`` (Linux /proc).
+
+    With SO_REUSEPORT a connect may reach any worker, so "accepting" cannot
+    tell that a given worker is up; its own listening socket can."""
+    try:
+        inodes = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    except OSError:
+        return False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    cols = line.split()
+                    if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port and cols[9] in inodes:
+                        return True
+        except (OSError, StopIteration, IndexError, ValueError):
+            continue
+    return False
+
+
+def _wait_workers_listening(workers: list[subprocess.Popen], port: int, procs: list[subprocess.Popen],
+                            timeout: float) -> None:
+    end = time.monotonic() + timeout
+    pending = list(workers)
+    while pending:
+        for p in procs:
+            if p.poll() is not None:
+                raise CliError(f"a part exited with code {p.returncode} while starting (see the lines above)")
+        pending = [w for w in pending if not _listening_pid(w.pid, port)]
+        if not pending:
+            return
+        if time.monotonic() > end:
+            raise CliError(f"{len(pending)} switch worker(s) not listening on port {port} after {timeout:.0f}s")
+        time.sleep(0.05)
+
+
 def cmd_up(args) -> int:
     net = _load(args.config)
     parts = PARTS if not args.only else tuple(p.strip() for p in args.only.split(","))
     for p in parts:
         if p not in PARTS:
             raise CliError(f"--only: unknown part {p!r} (parts: {', '.join(PARTS)})")
+    workers = args.workers
+    if "switch" in parts:
+        problem = workers_problem(net, workers)
+        if problem:
+            raise CliError(problem)
     procs: list[subprocess.Popen] = []
     stopping = False
 
@@ -135,6 +205,19 @@ def cmd_up(args) -> int:
     try:
         for part in [p for p in PARTS if p in parts]:   # banks first: the switch signs on to them
             if not _part_endpoints(net, part):
+                continue
+            if part == "switch" and workers > 1:
+                # Worker 0 first, alone: it recovers what the last run left open and
+                # serves the admin port; then the others join it on the same port.
+                extra = ["--workers", str(workers)]
+                procs.append(subprocess.Popen(base + [part, "--worker", "0"] + extra + cfg,
+                                              start_new_session=True, preexec_fn=_die_with_parent))
+                _wait_accepting(_part_endpoints(net, part), procs, timeout=30)
+                others = [subprocess.Popen(base + [part, "--worker", str(k)] + extra + cfg,
+                                           start_new_session=True, preexec_fn=_die_with_parent)
+                          for k in range(1, workers)]
+                procs.extend(others)
+                _wait_workers_listening(others, net.switch.listen.port, procs, timeout=30)
                 continue
             # Each part in its own session, so a Ctrl-C reaches only this parent,
             # which stops the parts in order; each part dies with its parent.
@@ -175,7 +258,12 @@ def cmd_serve(args) -> int:
     _setup_logging(args.verbose)
     _uvloop()
     if args.part == "switch":
-        return asyncio.run(_serve_switch(net))
+        if not 0 <= args.worker < MAX_WORKERS:
+            raise CliError(f"--worker {args.worker}: expected 0 to {MAX_WORKERS - 1}")
+        problem = workers_problem(net, args.workers)
+        if problem:
+            raise CliError(problem)
+        return asyncio.run(_serve_switch(net, args.worker, args.workers > 1))
     if args.part == "banks":
         return asyncio.run(_serve_until_signal(_run_banks(net)))
     if args.part == "hsm":
@@ -193,10 +281,10 @@ async def _until_signal() -> None:
     await stop.wait()
 
 
-async def _serve_switch(net: Network) -> int:
+async def _serve_switch(net: Network, worker: int = 0, reuse_port: bool = False) -> int:
     from cardswitch.switch.app import SwitchApp
 
-    app = SwitchApp(net)
+    app = SwitchApp(net, worker=worker, reuse_port=reuse_port)
     await app.start()
     await _until_signal()
     await app.stop()
@@ -294,10 +382,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = with_config(sub.add_parser("up", help="start the switch and the simulators the file names; prints `ready`"))
     sp.add_argument("--only", metavar="PARTS", help="comma-separated parts to start: hsm, banks, switch")
+    sp.add_argument("--workers", type=int, default=1, metavar="N",
+                    help="switch processes sharing [switch] listen (SO_REUSEPORT); N > 1 needs a "
+                         "postgresql:// journal and [switch] redis; worker 0 serves the admin port")
     sp.set_defaults(func=cmd_up)
 
     sp = with_config(sub.add_parser("serve", help=argparse.SUPPRESS))
     sp.add_argument("part", choices=PARTS)
+    sp.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)    # node index K (0-9)
+    sp.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)   # > 1: SO_REUSEPORT
     sp.add_argument("-v", "--verbose", action="store_true")
     sp.set_defaults(func=cmd_serve)
 

@@ -7,6 +7,16 @@ connects to every issuer and listens for terminals; ``stop`` stops
 accepting, drains what is in flight (and, for a few seconds, the advices
 owed to banks that are up), signs off and closes.
 
+Scale-out (operations.md 4): several switch processes (``cardswitch up
+--workers N``, or nodes on other machines) share one PostgreSQL journal and
+Redis. Each runs as node ``worker`` (0-9): its RRNs come from its own range
+(``RRN_NODE_SPAN`` per node and day, state key ``rrn:<K>:<YDDD>``; node 0
+keeps ``rrn:<YDDD>``). Node 0 alone serves the admin port, runs the automatic
+cutover timer, takes SIGUSR1 cutovers and, at start, the recovery of what
+the last run left open (requests with no outcome, queued advices); the other
+nodes follow the shared business date by re-reading it every
+``DATE_POLL_S`` seconds.
+
 For metrics and alerts: ``saf.depth()`` ({bank: queued advices}),
 ``saf.total_depth``, ``saf.alerts``/``saf.alert_counts``, ``standin``
 counters; ``on_alert`` (set before ``start``) is called as
@@ -20,6 +30,7 @@ import functools
 import logging
 import os
 import secrets
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,7 +47,7 @@ from cardswitch.switch.cutover import CutoverService
 from cardswitch.switch.dedupe import DuplicateGuard
 from cardswitch.switch.events import EventPublisher, Fanout
 from cardswitch.switch.index import TxnIndex
-from cardswitch.switch.journals import AnyJournal, open_journal
+from cardswitch.switch.journals import AnyJournal, is_postgres_url, open_journal
 from cardswitch.hsm_sim.client import HsmClient
 from cardswitch.switch.metrics import SwitchMetrics
 from cardswitch.switch.pipeline import PinError, Pipeline
@@ -46,6 +57,15 @@ from cardswitch.switch.standin import LocalCounters, StandInService, profile_pro
 from cardswitch.switch.steps import Context
 
 log = logging.getLogger("cardswitch.switch")
+
+MAX_NODES = 10                  # node index 0-9: one digit of the RRN's 8-digit sequence
+RRN_NODE_SPAN = 10_000_000      # RRNs per node and day: node K uses [K * span, (K + 1) * span)
+DATE_POLL_S = 2.0               # how often a node on a shared journal re-reads the business date
+
+
+def rrn_state_key(worker: int, prefix: str) -> str:
+    """Where node ``worker`` keeps its RRN high-water mark of day ``prefix`` (YDDD)."""
+    return f"rrn:{prefix}" if worker == 0 else f"rrn:{worker}:{prefix}"
 
 
 def token_secret(network: Network, data_dir: str) -> bytes:
@@ -100,8 +120,14 @@ def first_stan(last: str) -> int:
 
 class SwitchApp:
     def __init__(self, network: Network, *, listen_port: int | None = None,
-                 link_wait_s: float = 3.0, saf_policy: SafPolicy | None = None) -> None:
+                 link_wait_s: float = 3.0, saf_policy: SafPolicy | None = None,
+                 worker: int = 0, reuse_port: bool = False) -> None:
+        if not 0 <= worker < MAX_NODES:
+            raise ValueError(f"worker index {worker} out of range 0-{MAX_NODES - 1}")
         self.network = network
+        self.worker = worker            # node index: RRN range; node 0 is the one that leads
+        self._date_poll: asyncio.Task | None = None
+        self.reuse_port = reuse_port    # several processes on one port (SO_REUSEPORT)
         self.link_wait_s = link_wait_s
         self.data_dir = network.switch.data_dir
         self.listen_port = listen_port
@@ -178,8 +204,9 @@ class SwitchApp:
         for bank_id, link in self.links.items():
             link.on_late = functools.partial(self.pipeline.on_late, bank_id)
         # What the last run left open: advices still owed, requests with no outcome.
-        resumed = self.saf.load()
-        self.recovered = self.pipeline.recover_pending()
+        # Node 0 only: another node's requests in flight are not this node's to reverse.
+        resumed = self.saf.load() if self.worker == 0 else 0
+        self.recovered = self.pipeline.recover_pending() if self.worker == 0 else (0, 0)
         if resumed or self.recovered[0]:
             log.warning("recovery: %d advice(s) still owed, %d request(s) left without an outcome "
                         "(timed out, %d reversal(s) queued)", resumed, *self.recovered)
@@ -190,14 +217,40 @@ class SwitchApp:
         # Terminals are let in once the banks have signed on (or after a short
         # wait: a bank that is down answers 91 until it is back).
         await self.wait_links_online(self.link_wait_s)
-        self.cutover.start()
+        if self.worker == 0:
+            self.cutover.start()
+        else:
+            # SIGUSR1 (a cutover request) would kill a node that does not handle it.
+            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, lambda: None)
+        if self.shared_journal:
+            self._date_poll = asyncio.get_running_loop().create_task(self._follow_business_date())
         listen = sw.listen if self.listen_port is None else type(sw.listen)(sw.listen.host, self.listen_port)
-        self.acceptor = Acceptor(listen, sw.link, self.pipeline)
+        self.acceptor = Acceptor(listen, sw.link, self.pipeline, reuse_port=self.reuse_port)
         await self.acceptor.start()
-        self.admin = AdminServer(self, self.metrics, on_cutover=self._cutover_now)
-        await self.admin.start()
-        log.info("switch listening on %s, business date %s; admin on %s", listen, business_date,
-                 sw.admin)
+        if self.worker == 0:
+            self.admin = AdminServer(self, self.metrics, on_cutover=self._cutover_now)
+            await self.admin.start()
+        log.info("switch node %d listening on %s, business date %s; admin on %s", self.worker, listen,
+                 business_date, sw.admin if self.worker == 0 else "node 0")
+
+    @property
+    def shared_journal(self) -> bool:
+        """True when other nodes may write the same journal (PostgreSQL)."""
+        return is_postgres_url(self.network.switch.journal)
+
+    async def _follow_business_date(self) -> None:
+        """Apply a cutover another node (or `cardswitch cutover`) wrote to the shared state."""
+        while True:
+            await asyncio.sleep(DATE_POLL_S)
+            try:
+                current = self.journal.get_state("business_date") if self.journal else None
+            except Exception as e:   # the journal reconnects on its own; try again next time
+                log.warning("business date not re-read: %s", e)
+                continue
+            if current and self.pipeline is not None and current > self.pipeline.ctx.business_date:
+                log.info("business date %s -> %s (from the shared journal)",
+                         self.pipeline.ctx.business_date, current)
+                self._business_date_changed(current)
 
     async def wait_links_online(self, timeout: float) -> bool:
         """True once every bank link has signed on (used by `up` before `ready`)."""
@@ -212,10 +265,14 @@ class SwitchApp:
     def _reserve_rrn(self, prefix: str, wanted: int) -> int:
         """Durably raise the RRN high-water mark of ``prefix`` (see clock.RrnAllocator)."""
         assert self.journal is not None
-        key = f"rrn:{prefix}"
-        current = int(self.journal.get_state(key) or 0)
+        key = rrn_state_key(self.worker, prefix)
+        base = self.worker * RRN_NODE_SPAN
+        current = max(base, int(self.journal.get_state(key) or 0))
         if wanted <= current:
             return current
+        if self.worker < MAX_NODES - 1 and wanted > base + RRN_NODE_SPAN:
+            # node K+1's range starts here: stop rather than hand out its RRNs
+            raise OverflowError(f"RRN range of node {self.worker} exhausted for today")
         self.journal.set_state(key, str(wanted))
         self.journal.flush()
         return wanted
@@ -239,6 +296,17 @@ class SwitchApp:
             cb(kind, detail)
 
     async def stop(self, drain_timeout: float = 10.0) -> None:
+        if self._date_poll is not None:
+            self._date_poll.cancel()
+            try:
+                await self._date_poll
+            except asyncio.CancelledError:
+                pass
+        if self.worker != 0:
+            try:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
+            except (RuntimeError, ValueError):
+                pass
         if self.cutover is not None:
             await self.cutover.stop()
         if self.acceptor is not None:

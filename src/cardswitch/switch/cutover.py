@@ -178,6 +178,8 @@ def request_cutover(journal_url: str, data_dir: str, timeout_s: float = 15.0) ->
     """Cut over now: through the running switch if there is one. (old, new) dates."""
     from cardswitch.switch.journal import Journal, JournalError, sqlite_path
 
+    if journal_url.startswith(("postgresql://", "postgres://")):
+        return _cutover_shared(journal_url, data_dir)
     path = sqlite_path(journal_url, data_dir)
     if not os.path.exists(path):
         raise CutoverError(f"no journal at {path}: the switch has never run with this network file")
@@ -212,3 +214,26 @@ def request_cutover(journal_url: str, data_dir: str, timeout_s: float = 15.0) ->
     finally:
         reader.close()
     raise CutoverError(f"the switch (process {pid}) did not cut over within {timeout_s:.0f}s")
+
+
+def _cutover_shared(journal_url: str, data_dir: str) -> tuple[str, str]:
+    """A PostgreSQL journal is shared by every switch node: write the new date
+    there; each node reads it back within a few seconds and uses it."""
+    from cardswitch.switch.journal import JournalError
+    from cardswitch.switch.journals import open_journal
+
+    try:
+        journal = open_journal(journal_url, data_dir)
+    except JournalError as e:
+        raise CutoverError(str(e)) from None
+    try:
+        old = journal.get_state(STATE_BUSINESS_DATE)
+        if old is None:
+            raise CutoverError("the journal has no business date yet: start the switch once")
+        new = manual_target(date.fromisoformat(old))
+        journal.set_state(HISTORY_PREFIX + old, history_entry(new, "operator", datetime.now(timezone.utc)))
+        journal.set_state(STATE_BUSINESS_DATE, new.isoformat())
+        journal.flush()
+        return old, new.isoformat()
+    finally:
+        journal.close()
