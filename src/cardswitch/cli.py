@@ -108,6 +108,9 @@ def workers_problem(net: Network, workers: int) -> str | None:
 
     if not 1 <= workers <= MAX_WORKERS:
         return f"--workers {workers}: expected 1 to {MAX_WORKERS}"
+    if net.switch.node_id + workers > MAX_WORKERS:
+        return (f"--workers {workers} with [switch] node_id = {net.switch.node_id}: node numbers "
+                f"node_id .. node_id + workers - 1 must stay within 0-{MAX_WORKERS - 1}")
     if workers == 1:
         return None
     if not is_postgres_url(net.switch.journal):

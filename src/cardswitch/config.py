@@ -83,6 +83,7 @@ class SwitchConfig:
     echo_interval_ms: int = 30000   # idle time before an echo test on a bank link
     saf_max_age_s: int = 86400      # a store-and-forward advice undelivered this long is parked (alert)
     token_key: str = ""             # secret for PAN tokens; generated under data_dir when empty
+    node_id: int = 0                # 0-9: this switch node's number when several share a journal (RRN range)
     admin_token: str = ""           # bearer token for state-changing admin calls; generated under data_dir when empty
     link: LinkOptions = LinkOptions()
 

@@ -620,7 +620,7 @@ _LINK_KEYS = ("dialect", "framing", "header", "max_frame", "read_timeout_ms")
 _SWITCH_KEYS = (
     "institution_id", "listen", "admin", "data_dir", "journal", "redis", "mqtt",
     "issuer_timeout_ms", "cutover", "timezone", "mode", "switch_fee",
-    "echo_interval_ms", "token_key", "admin_token", "saf_max_age_s",
+    "echo_interval_ms", "token_key", "admin_token", "saf_max_age_s", "node_id",
 ) + _LINK_KEYS
 _HSM_KEYS = ("listen", "simulate", "lmk_file")
 _ISSUER_KEYS = ("pvk", "cvk", "mk_ac")     # double length, the bank's own
@@ -680,6 +680,7 @@ def _read_switch(r: _Reader, data: Any) -> SwitchConfig:
         token_key=t.text("token_key", d.token_key),
         admin_token=t.text("admin_token", d.admin_token),
         saf_max_age_s=t.integer("saf_max_age_s", d.saf_max_age_s, lo=1),
+        node_id=t.integer("node_id", d.node_id, lo=0, hi=9),
         link=_read_link(t, LinkOptions()),
     )
 
@@ -1127,7 +1128,7 @@ def dump_network(network: Network) -> str:
     o: list[str] = ["# network file written by cardswitch.netfile.dump_network", "", "[switch]"]
     for name in ("institution_id", "listen", "admin", "data_dir", "journal", "redis", "mqtt",
                  "issuer_timeout_ms", "cutover", "timezone", "mode", "switch_fee",
-                 "echo_interval_ms", "token_key", "admin_token", "saf_max_age_s"):
+                 "echo_interval_ms", "token_key", "admin_token", "saf_max_age_s", "node_id"):
         o.append(f"{name} = {_toml_value(getattr(sw, name))}")
     o += _link_lines(sw.link, None)
     o += ["", "[hsm]", f"listen = {_toml_value(hsm.listen)}", f"simulate = {_toml_value(hsm.simulate)}"]

@@ -122,10 +122,13 @@ class SwitchApp:
     def __init__(self, network: Network, *, listen_port: int | None = None,
                  link_wait_s: float = 3.0, saf_policy: SafPolicy | None = None,
                  worker: int = 0, reuse_port: bool = False) -> None:
-        if not 0 <= worker < MAX_NODES:
-            raise ValueError(f"worker index {worker} out of range 0-{MAX_NODES - 1}")
+        node = network.switch.node_id + worker
+        if not 0 <= node < MAX_NODES:
+            raise ValueError(f"node {node} ([switch] node_id {network.switch.node_id} + worker {worker}) "
+                             f"out of range 0-{MAX_NODES - 1}")
         self.network = network
-        self.worker = worker            # node index: RRN range; node 0 is the one that leads
+        self.worker = worker            # this machine's worker index: worker 0 serves the admin port
+        self.node = node                # network-wide node index: RRN range; node 0 leads
         self._date_poll: asyncio.Task | None = None
         self.reuse_port = reuse_port    # several processes on one port (SO_REUSEPORT)
         self.link_wait_s = link_wait_s
@@ -205,8 +208,8 @@ class SwitchApp:
             link.on_late = functools.partial(self.pipeline.on_late, bank_id)
         # What the last run left open: advices still owed, requests with no outcome.
         # Node 0 only: another node's requests in flight are not this node's to reverse.
-        resumed = self.saf.load() if self.worker == 0 else 0
-        self.recovered = self.pipeline.recover_pending() if self.worker == 0 else (0, 0)
+        resumed = self.saf.load() if self.node == 0 else 0
+        self.recovered = self.pipeline.recover_pending() if self.node == 0 else (0, 0)
         if resumed or self.recovered[0]:
             log.warning("recovery: %d advice(s) still owed, %d request(s) left without an outcome "
                         "(timed out, %d reversal(s) queued)", resumed, *self.recovered)
@@ -217,7 +220,7 @@ class SwitchApp:
         # Terminals are let in once the banks have signed on (or after a short
         # wait: a bank that is down answers 91 until it is back).
         await self.wait_links_online(self.link_wait_s)
-        if self.worker == 0:
+        if self.node == 0:
             self.cutover.start()
         else:
             # SIGUSR1 (a cutover request) would kill a node that does not handle it.
@@ -230,8 +233,8 @@ class SwitchApp:
         if self.worker == 0:
             self.admin = AdminServer(self, self.metrics, on_cutover=self._cutover_now)
             await self.admin.start()
-        log.info("switch node %d listening on %s, business date %s; admin on %s", self.worker, listen,
-                 business_date, sw.admin if self.worker == 0 else "node 0")
+        log.info("switch node %d listening on %s, business date %s; admin on %s", self.node, listen,
+                 business_date, sw.admin if self.worker == 0 else "worker 0")
 
     @property
     def shared_journal(self) -> bool:
@@ -265,14 +268,14 @@ class SwitchApp:
     def _reserve_rrn(self, prefix: str, wanted: int) -> int:
         """Durably raise the RRN high-water mark of ``prefix`` (see clock.RrnAllocator)."""
         assert self.journal is not None
-        key = rrn_state_key(self.worker, prefix)
-        base = self.worker * RRN_NODE_SPAN
+        key = rrn_state_key(self.node, prefix)
+        base = self.node * RRN_NODE_SPAN
         current = max(base, int(self.journal.get_state(key) or 0))
         if wanted <= current:
             return current
-        if self.worker < MAX_NODES - 1 and wanted > base + RRN_NODE_SPAN:
+        if self.node < MAX_NODES - 1 and wanted > base + RRN_NODE_SPAN:
             # node K+1's range starts here: stop rather than hand out its RRNs
-            raise OverflowError(f"RRN range of node {self.worker} exhausted for today")
+            raise OverflowError(f"RRN range of node {self.node} exhausted for today")
         self.journal.set_state(key, str(wanted))
         self.journal.flush()
         return wanted
@@ -302,7 +305,7 @@ class SwitchApp:
                 await self._date_poll
             except asyncio.CancelledError:
                 pass
-        if self.worker != 0:
+        if self.node != 0:
             try:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
             except (RuntimeError, ValueError):
