@@ -53,7 +53,7 @@ from cardswitch.switch.metrics import SwitchMetrics
 from cardswitch.switch.pipeline import PinError, Pipeline
 from cardswitch.switch.saf import SafForwarder, SafPolicy
 from cardswitch.switch.security import STATE_PREFIX, KeyStore, Security, SecurityError
-from cardswitch.switch.standin import LocalCounters, StandInService, profile_problems
+from cardswitch.switch.standin import LocalCounters, RedisCounters, StandInService, profile_problems
 from cardswitch.switch.steps import Context
 
 log = logging.getLogger("cardswitch.switch")
@@ -190,8 +190,12 @@ class SwitchApp:
                                 issuer_insts={b.id: b.institution_id for b in net.banks}, secret=secret,
                                 timeout_s=issuer_timeout_s, policy=self.saf_policy,
                                 on_alert=self._alert)
-        counters = LocalCounters()
-        counters.load(business_date, journal.standin_usage(business_date))
+        if sw.redis:
+            # Several switch processes share the per-card stand-in limits.
+            counters = RedisCounters(sw.redis)
+        else:
+            counters = LocalCounters()
+            counters.load(business_date, journal.standin_usage(business_date))
         self.standin = StandInService(net, secret, counters)
         for bank in net.banks:
             for problem in profile_problems(bank.id, bank.stand_in):
@@ -325,6 +329,8 @@ class SwitchApp:
             await self.events.stop()
         if self.dedupe is not None:
             await self.dedupe.close()
+        if self.standin is not None and isinstance(self.standin.counters, RedisCounters):
+            await self.standin.counters.close()
         if self.hsm is not None:
             await self.hsm.stop()
         if self.journal is not None:

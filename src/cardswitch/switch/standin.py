@@ -28,13 +28,14 @@ first that applies answers):
 Otherwise the switch approves (``00``) with its own authorization code
 (``S`` + 5 digits). The per-card counters (``LocalCounters``) live in
 memory, rebuilt from the journal at start; approvals count when made, and a
-later reversal does not give them back (the conservative choice). Several
-switch processes would share them in Redis: anything with the
-``StandInCounters`` shape (``async try_add``) plugs in.
+later reversal does not give them back (the conservative choice). With
+``[switch] redis`` set, every switch process shares them in Redis
+(``RedisCounters``: checked and counted in one Lua step on the server).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -43,6 +44,8 @@ from typing import Protocol
 from cardswitch.config import Network, StandIn
 from cardswitch.iso8583.constants import MTI, RC, TxnType
 from cardswitch.pan import pan_token
+
+log = logging.getLogger("cardswitch.standin")
 
 # Transaction types that may ever stand in (a profile's ``allowed`` picks among them).
 STANDABLE = frozenset({TxnType.PURCHASE.value, TxnType.WITHDRAWAL.value, TxnType.REFUND.value,
@@ -197,6 +200,56 @@ class LocalCounters:
     def forget_before(self, business_date: str) -> None:
         for key in [k for k in self._used if k[1] < business_date]:
             del self._used[key]
+
+
+# Check both limits and count in one atomic step on the Redis server.
+_TRY_ADD = """
+local n = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
+local total = tonumber(redis.call('HGET', KEYS[1], 'amount') or '0')
+local amount, max_n, max_amount = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if max_n > 0 and n + 1 > max_n then return 0 end
+if max_amount > 0 and total + amount > max_amount then return 0 end
+redis.call('HINCRBY', KEYS[1], 'n', 1)
+redis.call('HINCRBY', KEYS[1], 'amount', amount)
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+return 1
+"""
+
+
+class RedisCounters:
+    """Stand-in approvals per card per business date, shared by every switch
+    process through Redis (``[switch] redis``), keyed by the PAN token.
+
+    A Redis that cannot be reached approves nothing in stand-in (the
+    terminal gets 91): stand-in limits are money limits, so we fail closed.
+    """
+
+    def __init__(self, url: str, *, prefix: str = "cardswitch:standin:", ttl_s: int = 3 * 86400,
+                 timeout_s: float = 0.25, client=None) -> None:
+        import redis.asyncio as aioredis
+
+        self.client = client or aioredis.from_url(url, socket_timeout=timeout_s,
+                                                  socket_connect_timeout=timeout_s)
+        self.prefix = prefix
+        self.ttl_s = ttl_s
+        self.errors = 0
+        self._script = self.client.register_script(_TRY_ADD)
+
+    async def try_add(self, token: str, business_date: str, amount: int,
+                      max_count: int, max_amount: int) -> bool:
+        try:
+            ok = await self._script(keys=[f"{self.prefix}{business_date}:{token}"],
+                                    args=[amount, max_count, max_amount, self.ttl_s])
+        except Exception as e:  # redis errors, timeouts, connection refused
+            self.errors += 1
+            if self.errors in (1, 10, 100) or self.errors % 1000 == 0:
+                log.warning("stand-in counters in Redis unavailable (%s): no stand-in approvals",
+                            type(e).__name__)
+            return False
+        return bool(ok)
+
+    async def close(self) -> None:
+        await self.client.aclose()
 
 
 class StandInService:
