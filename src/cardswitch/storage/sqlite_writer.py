@@ -245,27 +245,7 @@ class SqliteWriter:
                 errors = [e] * len(items)
             else:
                 errors = self._replay(items)
-        t1 = time.perf_counter()
-        failed = 0 if errors is None else sum(1 for e in errors if e is not None)
-        self.last_commit_seconds = t1 - t0
-        if failed < len(items):
-            self._error = None
-            self.commits += 1
-            self.rows += len(items) - failed
-            self.last_latency_seconds = t1 - items[0][5]
-            if self.on_commit is not None:
-                try:
-                    self.on_commit(len(items) - failed, self.last_latency_seconds)
-                except Exception:
-                    log.exception("sqlite writer on_commit hook failed")
-        if failed:
-            self.failed += failed
-            first = next(e for e in errors if e is not None)  # type: ignore[union-attr]
-            self.last_error = first
-            if failed == len(items) and is_environment_error(first):
-                self._error = first
-            log.error("sqlite writer %s: %d of %d writes failed: %s",
-                      self.path, failed, len(items), _describe(first))
+        account_group(self, items, errors, t0, "sqlite writer", is_environment_error, _describe)
         self._resolve(items, errors)
 
     def _replay(self, items: list[tuple]) -> list[BaseException | None]:
@@ -377,3 +357,35 @@ def _resolve_all(done: list[tuple[asyncio.Future, BaseException | None]]) -> Non
             fut.set_result(None)
         else:
             fut.set_exception(error)
+
+
+def account_group(writer, items: list[tuple], errors: list[BaseException | None] | None, t0: float,
+                  label: str, is_env: Callable[[BaseException], bool],
+                  describe: Callable[[BaseException], str]) -> None:
+    """Counters, health and the on_commit hook after one group of writes.
+
+    Shared by this writer and the PostgreSQL journal's: ``items`` are queue
+    entries whose sixth element is the time they were queued; ``errors`` is
+    None when the whole group committed, else one entry per item.
+    """
+    t1 = time.perf_counter()
+    failed = 0 if errors is None else sum(1 for e in errors if e is not None)
+    writer.last_commit_seconds = t1 - t0
+    if failed < len(items):
+        writer._error = None
+        writer.commits += 1
+        writer.rows += len(items) - failed
+        writer.last_latency_seconds = t1 - items[0][5]
+        if writer.on_commit is not None:
+            try:
+                writer.on_commit(len(items) - failed, writer.last_latency_seconds)
+            except Exception:
+                log.exception("%s on_commit hook failed", label)
+    if failed:
+        assert errors is not None
+        writer.failed += failed
+        first = next(e for e in errors if e is not None)
+        writer.last_error = first
+        if failed == len(items) and is_env(first):
+            writer._error = first
+        log.error("%s %s: %d of %d writes failed: %s", label, writer.path, failed, len(items), describe(first))

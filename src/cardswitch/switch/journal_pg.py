@@ -90,7 +90,7 @@ import asyncpg
 
 from cardswitch.iso8583.constants import RC
 from cardswitch.pan import mask_pan
-from cardswitch.storage.sqlite_writer import WriterClosed
+from cardswitch.storage.sqlite_writer import WriterClosed, account_group
 from cardswitch.switch import journal_schema as schema
 from cardswitch.switch.index import BatchTotals
 from cardswitch.switch.journals import is_postgres_url
@@ -819,28 +819,7 @@ class PgWriter:
                 else:
                     errors = await self._replay(items)
                 break
-        t1 = time.perf_counter()
-        failed = 0 if errors is None else sum(1 for e in errors if e is not None)
-        self.last_commit_seconds = t1 - t0
-        if failed < len(items):
-            self._error = None
-            self.commits += 1
-            self.rows += len(items) - failed
-            self.last_latency_seconds = t1 - items[0][5]
-            if self.on_commit is not None:
-                try:
-                    self.on_commit(len(items) - failed, self.last_latency_seconds)
-                except Exception:
-                    log.exception("postgresql journal on_commit hook failed")
-        if failed:
-            assert errors is not None
-            self.failed += failed
-            first = next(e for e in errors if e is not None)
-            self.last_error = first
-            if failed == len(items) and is_environment_error(first):
-                self._error = first
-            log.error("postgresql journal %s: %d of %d writes failed: %s",
-                      self.path, failed, len(items), _describe(first))
+        account_group(self, items, errors, t0, "postgresql journal", is_environment_error, _describe)
         _resolve(items, errors)
 
     async def _replay(self, items: list[tuple]) -> list[BaseException | None]:
